@@ -1,0 +1,105 @@
+"""The ELPV solar-cell data set, installed with ``pip install elpv-dataset``.
+
+2,624 electroluminescence images of solar-cell crops (300x300, 8-bit grey PNG) with a defect
+probability per cell (0, 1/3, 2/3 or 1) and the cell type (mono- or polycrystalline); image labels
+only, no pixel masks. Data set by Buerhop-Lutz et al. (2018) and Deitsch et al. (2019), CC BY-NC-SA
+4.0 (see the elpv-dataset package for the licence and citation).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .images import DataError
+from .layouts import _held_out
+from .samples import DataSplit, Sample, check_test_classes
+
+__all__ = ["elpv_split"]
+
+CELL_TYPES = ("mono", "poly")
+
+
+def _elpv_data_folder() -> Path:
+    spec = importlib.util.find_spec("elpv_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "The ELPV data set is not installed (Python package 'elpv_dataset' not found). "
+            "Fix: pip install elpv-dataset"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _read_labels(data: Path) -> list[tuple[Path, float, str]]:
+    labels = data / "labels.csv"
+    if not labels.is_file():
+        raise DataError(f"ELPV label file missing: {labels}. Fix: pip install --force-reinstall elpv-dataset")
+    rows = []
+    for number, line in enumerate(labels.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            path, probability, cell_type = fields
+            rows.append((data / path, float(probability), cell_type))
+        except ValueError as err:
+            raise DataError(
+                f"{labels}, line {number}: expected 'path probability type', got {line!r}. "
+                "Fix: pip install --force-reinstall elpv-dataset"
+            ) from err
+    return rows
+
+
+def elpv_split(cell_type: str = "mono", seed: int = 0, test_normal_fraction: float = 0.25) -> DataSplit:
+    """Train/test split of one ELPV cell type for anomaly detection.
+
+    - train: defect-free cells (probability 0) of ``cell_type``, minus a held-out share;
+    - test: the held-out defect-free cells (label 0) and every probability-1 cell (label 1,
+      ``defect_type="defect"``, no mask);
+    - cells with probability 1/3 or 2/3 are left out (uncertain labels).
+
+    The held-out share is ``round(n_good * test_normal_fraction)`` cells drawn with
+    ``numpy.random.default_rng(seed)`` from the defect-free cells in file order, so a seed always
+    gives the same split. With the defaults (``test_normal_fraction=0.25``):
+
+    ========  ===========  =====  ============================  ================
+    cell      prob. 0 / 1  train  test (good + defect = total)  left out (⅓, ⅔)
+    ========  ===========  =====  ============================  ================
+    mono      588 / 313    441    147 + 313 = 460               117 + 56 = 173
+    poly      920 / 402    690    230 + 402 = 632               178 + 50 = 228
+    ========  ===========  =====  ============================  ================
+
+    The notes say what was left out and that pixel metrics cannot be computed (no masks).
+    """
+    if cell_type not in CELL_TYPES:
+        raise DataError(
+            f"ELPV cell_type must be 'mono' or 'poly', got {cell_type!r}. Fix: pass one of those."
+        )
+    if not 0.0 <= float(test_normal_fraction) < 1.0:
+        raise DataError(
+            f"test_normal_fraction must be in [0, 1), got {test_normal_fraction!r}. Fix: pass e.g. 0.25."
+        )
+    data = _elpv_data_folder()
+    rows = [(path, p) for path, p, kind in _read_labels(data) if kind == cell_type]
+    missing = [path for path, _ in rows if not path.is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} ELPV images listed in {data / 'labels.csv'} are missing "
+            f"(e.g. {missing[0]}). Fix: pip install --force-reinstall elpv-dataset"
+        )
+    good = sorted(path for path, p in rows if abs(p) < 1e-6)
+    defect = sorted(path for path, p in rows if abs(p - 1.0) < 1e-6)
+    uncertain = len(rows) - len(good) - len(defect)
+    train_paths, held_out = _held_out(good, float(test_normal_fraction), seed, f"ELPV {cell_type} cells")
+    split = DataSplit(
+        name=f"elpv_{cell_type}",
+        train=[Sample(path, 0) for path in train_paths],
+        test=[Sample(path, 0) for path in held_out] + [Sample(path, 1, None, "defect") for path in defect],
+        notes=[
+            f"ELPV {cell_type}: {len(good)} defect-free cells ({len(train_paths)} train, "
+            f"{len(held_out)} test, seed {seed}), {len(defect)} probability-1 defect cells (test), "
+            f"{uncertain} cells with probability 1/3 or 2/3 left out."
+        ],
+    )
+    split.notes.extend(check_test_classes(split))
+    return split

@@ -1,0 +1,111 @@
+"""What a data set is made of: samples (one image each) grouped into a train/test split."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .images import DataError
+
+__all__ = ["Sample", "DataSplit", "summarise", "check_test_classes"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its file, its label (0 good, 1 defect) and, for defects, an optional mask file.
+
+    ``defect_type`` is the MVTec-style defect folder name (``"good"`` for good images).
+    """
+
+    path: Path
+    label: int
+    mask_path: Path | None = None
+    defect_type: str = "good"
+
+    def __post_init__(self) -> None:
+        # Accept str paths from users; the dataclass is frozen, hence object.__setattr__.
+        object.__setattr__(self, "path", Path(self.path))
+        if self.mask_path is not None:
+            object.__setattr__(self, "mask_path", Path(self.mask_path))
+        if self.label not in (0, 1) or isinstance(self.label, bool):
+            raise DataError(
+                f"Sample {self.path} has label {self.label!r}; labels are 0 (good) or 1 (defect). "
+                "Fix: pass 0 or 1."
+            )
+        object.__setattr__(self, "label", int(self.label))
+
+
+@dataclass
+class DataSplit:
+    """Train and test samples of one data set (one MVTec category, one ELPV cell type, ...).
+
+    ``notes`` hold everything a user should know that is not an error: defects without masks,
+    skipped folders, metrics that this test set cannot support.
+    """
+
+    name: str
+    train: list[Sample]
+    test: list[Sample]
+    notes: list[str] = field(default_factory=list)
+
+
+def _counts(samples: list[Sample]) -> str:
+    good = sum(s.label == 0 for s in samples)
+    defects = [s for s in samples if s.label == 1]
+    text = f"{len(samples)} (good {good}, defect {len(defects)}"
+    types = Counter(s.defect_type for s in defects)
+    if types and set(types) != {"defect"}:
+        text += ": " + ", ".join(f"{t} {n}" for t, n in sorted(types.items()))
+    if defects:
+        text += f"; masks {sum(s.mask_path is not None for s in defects)}/{len(defects)}"
+    return text + ")"
+
+
+def summarise(split: DataSplit) -> str:
+    """One line of counts per label and defect type, e.g. for a log or a CLI."""
+    line = f"{split.name}: train {_counts(split.train)} | test {_counts(split.test)}"
+    if split.notes:
+        line += f" | {len(split.notes)} note{'s' if len(split.notes) != 1 else ''}"
+    return line
+
+
+def check_test_classes(split: DataSplit) -> list[str]:
+    """Notes on the metrics that ``split.test`` cannot support (empty list when all can be computed).
+
+    Image AUROC and F1 need both good and defect test images; pixel AUROC and AUPRO additionally
+    need defect masks.
+    """
+    test = split.test
+    where = f"Test set of {split.name!r}"
+    if not test:
+        return [f"{where} is empty: no metric can be computed. Fix: add good and defect test images."]
+    n_good = sum(s.label == 0 for s in test)
+    defects = [s for s in test if s.label == 1]
+    with_mask = sum(s.mask_path is not None for s in defects)
+    if not defects:
+        return [
+            f"{where} has only good images ({n_good}): image AUROC, F1-max, pixel AUROC and AUPRO "
+            "cannot be computed (they need defect images); only false-positive rates can. "
+            "Fix: add defect images to the test set."
+        ]
+    notes = []
+    if n_good == 0:
+        notes.append(
+            f"{where} has only defect images ({len(defects)}): image AUROC cannot be computed and "
+            "image F1-max / the image threshold are meaningless (no good images to tell apart); "
+            "pixel AUROC and AUPRO still work on the defect masks. "
+            "Fix: hold out some good images for testing."
+        )
+    if with_mask == 0:
+        notes.append(
+            f"{where}: none of its {len(defects)} defect images has a mask, so pixel AUROC and "
+            "AUPRO cannot be computed; image-level metrics can. Fix: add masks if pixel metrics "
+            "are needed."
+        )
+    elif with_mask < len(defects):
+        notes.append(
+            f"{where}: {len(defects) - with_mask} of {len(defects)} defect images have no mask; "
+            "pixel AUROC and AUPRO can only use the good images and the defects that have masks."
+        )
+    return notes
