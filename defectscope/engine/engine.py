@@ -1,0 +1,346 @@
+"""Fit, test and predict on Lightning Fabric: one code path for CPU, one GPU or many (DDP).
+
+Run folder (as in SimpleNet's reference)::
+
+    <results_path>/<project>/<group>/<run_name>/
+        models/0/ckpt.pth      trained weights (no frozen backbone)
+        models/0/params.pkl    everything needed to rebuild the model
+        models/0/last.ckpt     resumable training state, rewritten atomically every epoch
+        tensorboard/           loss and learning-rate curves
+        results.csv            one row per category (+ mean), image/pixel metrics
+        images/<category>/     heat-map overlays of the test images
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from defectscope.data import AnomalyDataset, DataError, Sample
+from defectscope.engine.feature_cache import extract_features
+from defectscope.engine.progress import progress_bar
+from defectscope.engine.visualize import save_overlay
+from defectscope.metrics import PixelMetrics, compute_metrics
+from defectscope.models.base import atomic_save
+
+RESULT_COLUMNS = ["category", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_threshold", "n_test"]
+
+
+class Engine:
+    """Training / evaluation loop around a model.
+
+    Args:
+        results_path, project, group, run_name: the run folder (``run_name`` None: a timestamp).
+        max_epochs: training epochs.
+        batch_size: images per optimisation step (per device).
+        seed: seeds Python, NumPy and torch; the same seed gives the same model on CPU.
+        accelerator, devices, strategy, precision, num_nodes: passed to ``lightning.Fabric``.
+        num_workers: data-loading processes.
+        progress: show progress bars.
+        cache_memory_gb: frozen features are kept in memory up to this size, else memory-mapped
+            under the run folder.
+        resume: continue from ``models/0/last.ckpt`` when the run folder has one.
+        on_epoch_end: optional ``callback(epoch, loss)`` after each epoch's checkpoint.
+    """
+
+    def __init__(
+        self,
+        results_path: str | Path = "results",
+        project: str = "project",
+        group: str = "group",
+        run_name: str | None = None,
+        max_epochs: int = 300,
+        batch_size: int = 32,
+        seed: int = 0,
+        accelerator: str = "auto",
+        devices: int | str = 1,
+        strategy: str = "auto",
+        precision: str = "32-true",
+        num_nodes: int = 1,
+        num_workers: int = 0,
+        progress: bool = True,
+        cache_memory_gb: float = 4.0,
+        resume: bool = True,
+        on_epoch_end: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (batch norm needs two samples), got {batch_size}")
+        self.run_dir = Path(results_path) / project / group / (run_name or time.strftime("%Y%m%d-%H%M%S"))
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.progress = progress
+        self.cache_memory_gb = cache_memory_gb
+        self.resume = resume
+        self.on_epoch_end = on_epoch_end
+        self.fabric = L.Fabric(
+            accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, num_nodes=num_nodes
+        )
+        self._launched = False
+        # models/<model_index>: one model per category in a multi-category run.
+        self.model_index = 0
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "models" / str(self.model_index)
+
+    def _launch(self) -> None:
+        if not self._launched:
+            self.fabric.launch()
+            self._launched = True
+
+    def _print(self, message: str) -> None:
+        if self.fabric.is_global_zero:
+            print(message, flush=True)
+
+    # ---- fit --------------------------------------------------------------------------
+    def fit(self, model, samples: list[Sample]):
+        """Train ``model`` on ``samples`` (good images; labelled defects are for supervised
+        models). Writes the run folder's model files; returns the model in eval mode."""
+        self._launch()
+        fabric = self.fabric
+        fabric.seed_everything(self.seed, verbose=False)
+        dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
+        dataset.validate()
+        labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.float32)
+        if labels.any() and not getattr(model, "supervised", False):
+            raise DataError(
+                f"The training set has {int(labels.sum())} defective images but the model is unsupervised. "
+                "Fix: train on good images only, or use a supervised model."
+            )
+        model.to(fabric.device)
+        features = extract_features(
+            model,
+            dataset,
+            fabric,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            max_memory_gb=self.cache_memory_gb,
+            cache_dir=None if self.cache_memory_gb > 0 else self.run_dir / "cache",
+            progress=self.progress and fabric.is_global_zero,
+        )
+        optimizer, scheduler = model.configure_optimizers(self.max_epochs)
+        state_path = self.model_dir / "last.ckpt"
+        start_epoch = 0
+        if self.resume and state_path.is_file():
+            start_epoch = self._load_training_state(state_path, model, optimizer, scheduler)
+            self._print(f"Resuming {self.run_dir} from epoch {start_epoch}/{self.max_epochs}")
+        else:
+            model.fit_feature_statistics(features)
+        model.train()
+        fmodel, optimizer = fabric.setup(model, optimizer)
+        fmodel.mark_forward_method("training_step")
+        writer = self._tensorboard()
+        n = len(features)
+        rank, world = fabric.global_rank, fabric.world_size
+        steps = 0
+        with progress_bar(
+            f"Training {model.name}", total=self.max_epochs - start_epoch, enabled=self.progress and fabric.is_global_zero
+        ) as advance:
+            for epoch in range(start_epoch, self.max_epochs):
+                # Order depends only on (seed, epoch), so a resumed run sees the same batches.
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+                order = order[rank::world]
+                total, batches = 0.0, 0
+                for start in range(0, len(order), self.batch_size):
+                    idx = order[start : start + self.batch_size]
+                    if len(idx) < 2:  # batch norm cannot train on one sample
+                        continue
+                    feats = features[idx].to(fabric.device, torch.float32, non_blocking=True)
+                    loss = fmodel.training_step(feats, None, labels[idx].to(fabric.device) if labels.any() else None)
+                    optimizer.zero_grad(set_to_none=True)
+                    fabric.backward(loss)
+                    if getattr(model, "grad_clip", None):
+                        fabric.clip_gradients(fmodel, optimizer, max_norm=model.grad_clip)
+                    optimizer.step()
+                    total += loss.item()
+                    batches += 1
+                    steps += 1
+                scheduler.step()
+                mean_loss = total / max(batches, 1)
+                if writer is not None:
+                    writer.add_scalar("train/loss", mean_loss, epoch)
+                    writer.add_scalar("train/lr", optimizer.param_groups[-1]["lr"], epoch)
+                self._save_training_state(state_path, model, optimizer, scheduler, epoch + 1)
+                advance(1, epoch=epoch + 1, loss=mean_loss)
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(epoch, mean_loss)
+        if writer is not None:
+            writer.close()
+        if fabric.is_global_zero:
+            model.save(self.model_dir, extra={"epochs": self.max_epochs, "seed": self.seed, "train_size": n})
+        fabric.barrier()
+        model.eval()
+        return model
+
+    def _tensorboard(self):
+        if not self.fabric.is_global_zero:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def _save_training_state(self, path: Path, model, optimizer, scheduler, epoch: int) -> None:
+        if not self.fabric.is_global_zero:
+            return
+        atomic_save(
+            {
+                "epoch": epoch,
+                "max_epochs": self.max_epochs,
+                "params": model.params(),
+                "model": model.trained_state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                },
+            },
+            path,
+        )
+
+    def _load_training_state(self, path: Path, model, optimizer, scheduler) -> int:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["params"]["hparams"] != model.params()["hparams"] or state["max_epochs"] != self.max_epochs:
+            raise RuntimeError(
+                f"{path} was written by a run with other settings. Fix: use another run name, "
+                "or delete the run folder to start again."
+            )
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        return int(state["epoch"])
+
+    # ---- test -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def test(self, model, samples: list[Sample], category: str = "default", save_images: bool | None = None) -> dict:
+        """Score ``samples`` (good and defective), compute metrics, fit the F1-optimal
+        threshold, append a row to ``results.csv`` and (``save_images`` or the model's
+        ``visualizer``) write heat-map overlays. Returns the metrics dict (``notes`` says
+        which metrics could not be computed and why)."""
+        self._launch()
+        if save_images is None:
+            save_images = bool(getattr(model, "visualizer", True))
+        dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
+        dataset.validate()
+        model.to(self.fabric.device).eval()
+        has_masks = any(s.mask_path is not None for s in dataset.samples)
+        pixel = PixelMetrics() if has_masks else None
+        scores, labels, maps_for_images = self._score(model, dataset, pixel)
+        metrics = compute_metrics(labels, scores)
+        # Pixel metrics are streamed below, not computed from whole arrays.
+        metrics["notes"] = [n for n in metrics["notes"] if not n.startswith("pixel AUROC and AUPRO need")]
+        if pixel is not None:
+            try:
+                metrics.update(pixel.compute())
+            except ValueError as err:
+                metrics["notes"].append(str(err))
+        else:
+            metrics["notes"].append("pixel AUROC and AUPRO need ground-truth masks; this test set has none")
+        if not math.isnan(metrics["image_threshold"]):
+            model.threshold.fill_(float(metrics["image_threshold"]))
+            if self.model_dir.joinpath("ckpt.pth").is_file() and self.fabric.is_global_zero:
+                model.save(self.model_dir)  # keep the fitted threshold with the model
+        metrics["n_test"] = len(dataset)
+        metrics["category"] = category
+        if self.fabric.is_global_zero:
+            self._write_results(metrics)
+            if save_images:
+                lo, hi = (0.0, 1.0) if model.post_processor else (float(maps_for_images.min()), float(maps_for_images.max()))
+                folder = self.run_dir / "images" / category
+                with progress_bar("Writing overlays", total=len(dataset), enabled=self.progress) as advance:
+                    for i, sample in enumerate(dataset.samples):
+                        mask = dataset[i]["mask"][0].numpy() if sample.mask_path is not None else None
+                        name = f"{sample.defect_type}_{Path(sample.path).stem}.png"
+                        save_overlay(folder / name, sample.path, maps_for_images[i].numpy(), float(scores[i]),
+                                     float(model.threshold), lo, hi, mask)
+                        advance(1)
+        return metrics
+
+    def _score(self, model, dataset, pixel: PixelMetrics | None = None) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """Scores ``[N]``, labels ``[N]`` and float16 maps ``[N,H,W]``; streams pixel metrics
+        over the images whose masks are pixel-level truth."""
+        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        scores, labels, maps = [], [], []
+        with progress_bar("Testing", total=len(dataset), enabled=self.progress and self.fabric.is_global_zero) as advance:
+            for batch in loader:
+                batch_maps, batch_scores = model(batch["image"].to(self.fabric.device))
+                scores.append(batch_scores.float().cpu())
+                maps.append(batch_maps[:, 0].to("cpu", torch.float16))
+                keep = batch["has_mask"].bool()
+                if pixel is not None and keep.any():
+                    pixel.update(batch_maps[:, 0].float().cpu()[keep], batch["mask"][keep, 0].bool())
+                labels.append(batch["label"])
+                advance(len(batch["label"]))
+        return torch.cat(scores).numpy(), torch.cat(labels).numpy(), torch.cat(maps)
+
+    def _write_results(self, metrics: dict) -> None:
+        path = self.run_dir / "results.csv"
+        rows = []
+        if path.is_file():
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r["category"] not in (metrics["category"], "mean")]
+        rows.append({k: metrics.get(k) for k in RESULT_COLUMNS})
+        if len(rows) > 1:
+            mean = {"category": "mean"}
+            for key in RESULT_COLUMNS[1:]:
+                values = [float(r[key]) for r in rows if r[key] not in (None, "", "nan")]
+                mean[key] = float(np.mean(values)) if values else math.nan
+            rows.append(mean)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        tmp.replace(path)
+
+    # ---- predict ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(
+        self, model, paths: list[str | Path], output_dir: str | Path | None = None, save_images: bool = True
+    ) -> list[dict]:
+        """Score image files; with ``output_dir``, write ``predictions.csv`` and overlays there.
+        Returns ``[{"path", "score", "is_defect"}]`` in input order."""
+        self._launch()
+        samples = [Sample(path=Path(p), label=0) for p in paths]
+        if not samples:
+            raise DataError("Nothing to predict: no image files were given.")
+        dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
+        dataset.validate()
+        model.to(self.fabric.device).eval()
+        scores, _, maps = self._score(model, dataset)
+        threshold = float(model.threshold)
+        results = [
+            {"path": str(s.path), "score": float(sc), "is_defect": bool(sc >= threshold)}
+            for s, sc in zip(dataset.samples, scores)
+        ]
+        if output_dir is not None and self.fabric.is_global_zero:
+            out = Path(output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "predictions.csv", "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=["path", "score", "is_defect"])
+                writer.writeheader()
+                writer.writerows(results)
+            lo, hi = (0.0, 1.0) if model.post_processor else (float(maps.min()), float(maps.max()))
+            for i, s in enumerate(dataset.samples if save_images else []):
+                save_overlay(out / "images" / f"{i:05d}_{s.path.stem}.png", s.path, maps[i].float().numpy(),
+                             float(scores[i]), threshold, lo, hi)
+        return results

@@ -1,0 +1,28 @@
+"""Models: one self-contained file per architecture and a small registry by name."""
+
+from defectscope.models.base import AnomalyModel, find_model_dir
+from defectscope.models.supersimplenet import SuperSimpleNet
+
+MODELS: dict[str, type[AnomalyModel]] = {
+    "supersimplenet": SuperSimpleNet,
+}
+
+
+def create_model(name: str, **kwargs) -> AnomalyModel:
+    """Build a model by registry name (case-insensitive)."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in MODELS:
+        import difflib
+
+        close = difflib.get_close_matches(key, MODELS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"Unknown model '{name}'. Available: {', '.join(MODELS)}.{hint}")
+    return MODELS[key](**kwargs)
+
+
+def load_model(path, weights=None) -> AnomalyModel:
+    """Rebuild a trained model from a run folder (or its models/0 folder) using params.pkl."""
+    return AnomalyModel.load_from_path(path, weights=weights)
+
+
+__all__ = ["AnomalyModel", "MODELS", "SuperSimpleNet", "create_model", "find_model_dir", "load_model"]

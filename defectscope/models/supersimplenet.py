@@ -1,0 +1,319 @@
+"""SuperSimpleNet: unifying unsupervised and supervised surface-defect detection.
+
+Papers: Rolih et al., "SuperSimpleNet: Unifying Unsupervised and Supervised Learning for
+Fast and Reliable Surface Defect Detection", ICPR 2024 (https://arxiv.org/abs/2408.03143);
+"No Label Left Behind: A Unified Surface Defect Detection Model for all Supervision
+Regimes", JIMS 2025. ``adapt_cls_features=True`` is the ICPR model, ``False`` (default) JIMS.
+
+Data flow (shapes for a 256x256 input and EfficientNet-Lite0 ``blocks.2``/``blocks.4``)::
+
+    image [B,3,256,256] -> frozen backbone -> [B,40,32,32], [B,112,16,16]
+      -> upscale to 2x the largest map, concat, 3x3 average pool -> features [B,152,64,64]
+      -> per-channel standardisation (fitted on training features) -> adaptor (1x1 conv)
+      -> (training only) Gaussian noise inside Perlin masks on a duplicated batch
+      -> segmentation head -> map logits [B,1,64,64]
+      -> classification head (5x5 conv over features + map, max/avg pooling, linear) -> score logit [B]
+    inference: map upscaled to the image size, Gaussian smoothing (sigma 4), sigmoid.
+
+Noise scale. The reference adds N(0, 0.015) to features of WideResNet-50 (torchvision v1
+weights). Other backbones have other activation scales (EfficientNet-Lite features have std
+about 5), so a fixed absolute std means something different for each. Here the features are
+standardised per channel with statistics fitted on the training set (:class:`FeatureStandardizer`)
+and ``noise_std`` is in units of each channel's standard deviation, which makes one value work
+for every backbone. ``standardize_features=False`` with ``noise_std=0.015`` gives the reference
+behaviour for WideResNet-50.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+from defectscope.models.base import AnomalyModel
+from defectscope.models.common import FeatureStandardizer, GaussianBlur2d, perlin_masks, upscale_and_concat
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.xavier_normal_(module.weight)
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.constant_(module.weight, 1)
+
+
+class SegmentationDetectionHead(nn.Module):
+    """Segmentation head (per-position MLP) and classification head (conv + global pooling).
+
+    Args:
+        channels: feature channels C.
+        stop_grad: stop gradients flowing from the classification head into the map.
+        hidden: width of the segmentation MLP (1024 in the paper).
+    """
+
+    def __init__(self, channels: int, stop_grad: bool = True, hidden: int = 1024) -> None:
+        super().__init__()
+        self.stop_grad = stop_grad
+        self.seg_head = nn.Sequential(
+            nn.Conv2d(channels, hidden, kernel_size=1),
+            nn.BatchNorm2d(hidden),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(hidden, 1, kernel_size=1, bias=False),
+        )
+        self.cls_conv = nn.Sequential(
+            nn.Conv2d(channels + 1, 128, kernel_size=5, padding=2),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=True),
+        )
+        # 128 conv channels and the map, each max- and average-pooled.
+        self.cls_fc = nn.Linear(128 * 2 + 2, 1)
+        self.apply(_init_weights)
+
+    def forward(self, seg_features: torch.Tensor, cls_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B,C,h,w]``, ``[B,C,h,w]`` -> map logits ``[B,1,h,w]``, score logits ``[B]``."""
+        ano_map = self.seg_head(seg_features)
+        map_in = ano_map.detach() if self.stop_grad else ano_map
+        conv = self.cls_conv(torch.cat((cls_features, map_in), dim=1))
+        pooled = torch.cat(
+            (
+                conv.amax(dim=(2, 3)),
+                conv.mean(dim=(2, 3)),
+                map_in.amax(dim=(2, 3)),
+                map_in.mean(dim=(2, 3)),
+            ),
+            dim=1,
+        )
+        return ano_map, self.cls_fc(pooled).reshape(-1)
+
+
+class SuperSimpleNet(AnomalyModel):
+    """SuperSimpleNet model.
+
+    Args (the first eight are anomalib's, with its defaults):
+        perlin_threshold: threshold binarising Perlin noise into anomaly masks.
+        backbone: backbone name (see :data:`defectscope.backbones.BACKBONES`).
+        layers: backbone layers whose features are used; None takes the backbone's default
+            (``["layer2", "layer3"]`` for wide_resnet50_2, as in the reference).
+        supervised: training uses real labelled defects; turns off the stop-gradient
+            between the heads and turns on gradient clipping (norm 1).
+        adapt_cls_features: ICPR variant (True: the classification head sees adapted
+            features) or JIMS variant (False: it sees the standardised backbone features).
+        pre_processor: resize and normalise inputs in :meth:`predict` (False: inputs are
+            already pre-processed tensors).
+        post_processor: map outputs through a sigmoid and normalise scores with the
+            threshold fitted at training time (False: raw logits).
+        evaluator: compute metrics when the engine tests the model.
+        visualizer: write heat-map overlays when the engine tests the model.
+        noise_std: std of the synthetic feature noise, in units of each channel's std
+            when ``standardize_features`` (default 0.015 in absolute units otherwise).
+        standardize_features: standardise features per channel (see module docstring).
+        image_size: input size (square int or (h, w)); 256 as in the reference.
+        patch_size: neighbourhood of the average pooling over features.
+        upscale_factor: features are resized to this multiple of the largest map (2 in the
+            reference; 1 keeps the backbone's resolution and is 4x cheaper).
+        sigma: Gaussian smoothing of the output map.
+        weights: path to backbone weights (else the packaged / cached ones are used).
+        pretrained: False builds a random backbone (tests only).
+    """
+
+    name = "supersimplenet"
+
+    def __init__(
+        self,
+        perlin_threshold: float = 0.2,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        layers: list[str] | tuple[str, ...] | None = None,
+        supervised: bool = False,
+        adapt_cls_features: bool = False,
+        pre_processor: bool = True,
+        post_processor: bool = True,
+        evaluator: bool = True,
+        visualizer: bool = True,
+        noise_std: float | None = None,
+        standardize_features: bool = True,
+        image_size: int | tuple[int, int] = 256,
+        patch_size: int = 3,
+        upscale_factor: int = 2,
+        sigma: float = 4.0,
+        weights: str | None = None,
+        pretrained: bool = True,
+    ) -> None:
+        super().__init__(
+            backbone=backbone,
+            layers=layers,
+            image_size=image_size,
+            weights=weights,
+            pretrained=pretrained,
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if not 0 <= perlin_threshold < 1:
+            raise ValueError(f"perlin_threshold must be in [0, 1), got {perlin_threshold}")
+        if noise_std is None:
+            noise_std = DEFAULT_RELATIVE_NOISE_STD if standardize_features else 0.015
+        if noise_std <= 0:
+            raise ValueError(f"noise_std must be > 0, got {noise_std}")
+        self.hparams.update(
+            perlin_threshold=perlin_threshold,
+            supervised=supervised,
+            adapt_cls_features=adapt_cls_features,
+            noise_std=noise_std,
+            standardize_features=standardize_features,
+            patch_size=patch_size,
+            upscale_factor=upscale_factor,
+            sigma=sigma,
+        )
+        self.perlin_threshold = perlin_threshold
+        self.supervised = supervised
+        self.adapt_cls_features = adapt_cls_features
+        self.noise_std = noise_std
+        self.patch_size = patch_size
+        self.upscale_factor = upscale_factor
+        # The reference stops gradients between the heads only when unsupervised.
+        self.stop_grad = not supervised
+        self.grad_clip = 1.0 if supervised else None
+
+        channels = sum(self.feature_extractor.channels)
+        self.standardizer = FeatureStandardizer(channels) if standardize_features else None
+        self.adaptor = nn.Conv2d(channels, channels, kernel_size=1)
+        _init_weights(self.adaptor)
+        self.segdec = SegmentationDetectionHead(channels, stop_grad=self.stop_grad)
+        self.smoothing = GaussianBlur2d(sigma=sigma)
+
+    # ---- features ---------------------------------------------------------------------
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen part: ``[B,3,H,W]`` normalised images -> ``[B,C,h,w]`` aggregated features.
+
+        Deterministic for a given image, so the engine may cache its output.
+        """
+        maps = list(self.feature_extractor(images).values())
+        h, w = maps[0].shape[-2:]
+        size = (h * self.upscale_factor, w * self.upscale_factor)
+        return upscale_and_concat(maps, size=size, patch_size=self.patch_size)
+
+    def feature_params(self) -> dict:
+        """Settings that change :meth:`extract_features` output (part of the feature-cache key)."""
+        return {"upscale_factor": self.upscale_factor, "patch_size": self.patch_size}
+
+    def fit_feature_statistics(self, features: torch.Tensor) -> None:
+        """Fit the per-channel standardisation on training features ``[N,C,h,w]``."""
+        if self.standardizer is not None:
+            self.standardizer.fit(features)
+
+    def _standardize(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.to(self.adaptor.weight.dtype)
+        return self.standardizer(features) if self.standardizer is not None else features
+
+    # ---- training ---------------------------------------------------------------------
+    def training_forward(
+        self,
+        features: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One training forward on pre-extracted features.
+
+        Args:
+            features: ``[B,C,h,w]`` from :meth:`extract_features`.
+            masks: ground-truth masks ``[B,1,H,W]`` or ``[B,H,W]`` at image size (None: all normal).
+            labels: image labels ``[B]`` (None: all normal).
+
+        Returns:
+            map logits ``[2B,1,h,w]``, score logits ``[2B]``, target masks ``[2B,1,h,w]``,
+            target labels ``[2B]``: the batch and a copy, each with its own Perlin noise.
+        """
+        feats = self._standardize(features)
+        b, _, h, w = feats.shape
+        if masks is None:
+            masks = feats.new_zeros(b, 1, h, w)
+        else:
+            masks = self.downsample_mask(masks.to(feats.dtype), h, w)
+        labels = feats.new_zeros(b) if labels is None else labels.to(feats.dtype).reshape(b)
+        adapted = self.adaptor(feats)
+
+        # Duplicate the batch: each copy gets its own Perlin mask, so every image is seen
+        # both clean and (about half the time) with synthetic anomalies.
+        adapted, feats = adapted.repeat(2, 1, 1, 1), feats.repeat(2, 1, 1, 1)
+        masks, labels = masks.repeat(2, 1, 1, 1), labels.repeat(2)
+        # Synthetic anomalies never overlap real ones.
+        noise_mask = (1 - masks) * perlin_masks(2 * b, h, w, self.perlin_threshold, device=feats.device)
+        noise = torch.randn_like(adapted) * self.noise_std * noise_mask
+        masks = (masks + noise_mask).clamp_(max=1)
+        labels = torch.maximum(labels, noise_mask.flatten(1).amax(dim=1))
+
+        seg_feats = adapted + noise
+        # ICPR: both heads on adapted features. JIMS: classification on raw (standardised)
+        # features with the same noise.
+        cls_feats = seg_feats if self.adapt_cls_features else feats + noise
+        map_logits, score_logits = self.segdec(seg_feats, cls_feats)
+        return map_logits, score_logits, masks, labels
+
+    @staticmethod
+    def downsample_mask(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Image-size masks -> feature-grid masks ``[B,1,h,w]``: bilinear, then >= 0.5."""
+        if masks.dim() == 3:
+            masks = masks[:, None]
+        if masks.shape[-2:] != (height, width):
+            masks = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
+        return (masks >= 0.5).to(masks.dtype)
+
+    def loss(
+        self, map_logits: torch.Tensor, score_logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Focal + truncated L1 on the map, focal on the score (gamma 4, no alpha)."""
+        map_focal = sigmoid_focal_loss(map_logits, masks, alpha=-1, gamma=4.0, reduction="mean")
+        score_focal = sigmoid_focal_loss(score_logits, labels, alpha=-1, gamma=4.0, reduction="mean")
+        return map_focal + truncated_l1(map_logits, masks) + score_focal
+
+    def training_step(self, features: torch.Tensor, masks=None, labels=None) -> torch.Tensor:
+        return self.loss(*self.training_forward(features, masks, labels))
+
+    def configure_optimizers(self, max_epochs: int):
+        """AdamW (adaptor lr 1e-4; heads lr 2e-4, weight decay 1e-5) and MultiStepLR
+        (x0.4 at 80 % and 90 % of the epochs), stepped once per epoch."""
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": self.adaptor.parameters(), "lr": 1e-4},
+                {"params": self.segdec.parameters(), "lr": 2e-4, "weight_decay": 1e-5},
+            ]
+        )
+        milestones = sorted({max(1, int(max_epochs * 0.8)), max(1, int(max_epochs * 0.9))})
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.4)
+        return optimizer, scheduler
+
+    # ---- inference --------------------------------------------------------------------
+    def forward_features(self, features: torch.Tensor, output_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference on pre-extracted features -> (map logits ``[B,1,H,W]`` smoothed, score logits ``[B]``)."""
+        feats = self._standardize(features)
+        adapted = self.adaptor(feats)
+        cls_feats = adapted if self.adapt_cls_features else feats
+        map_logits, score_logits = self.segdec(adapted, cls_feats)
+        map_logits = F.interpolate(map_logits, size=output_size, mode="bilinear", align_corners=False)
+        return self.smoothing(map_logits), score_logits
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B,3,H,W]`` normalised images -> anomaly maps ``[B,1,H,W]`` and scores ``[B]``,
+        both in [0, 1] (sigmoid of the logits) when ``post_processor`` is on."""
+        map_logits, score_logits = self.forward_features(self.extract_features(images), images.shape[-2:])
+        if self.post_processor:
+            return map_logits.sigmoid(), score_logits.sigmoid()
+        return map_logits, score_logits
+
+
+def truncated_l1(pred: torch.Tensor, target: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """Hinge on logits: normal positions pushed below ``-margin``, anomalous above ``margin``;
+    each part averaged over its own positions (a part with no positions adds 0)."""
+    normal = target == 0
+    normal_loss = (pred[normal] + margin).clamp_min(0)
+    anomalous_loss = (margin - pred[~normal]).clamp_min(0)
+    zero = pred.new_zeros(())
+    return (normal_loss.mean() if normal_loss.numel() else zero) + (
+        anomalous_loss.mean() if anomalous_loss.numel() else zero
+    )
+
+
+# Chosen by the ELPV / synthetic experiments recorded in benchmarks/results/noise_scale.md.
+DEFAULT_RELATIVE_NOISE_STD = 0.25
