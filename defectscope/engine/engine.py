@@ -128,9 +128,11 @@ class Engine:
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             max_memory_gb=self.cache_memory_gb,
-            cache_dir=None if self.cache_memory_gb > 0 else self.run_dir / "cache",
+            cache_dir=self.run_dir / "cache",
             progress=self.progress and fabric.is_global_zero,
         )
+        # Ground-truth masks (image size; zeros for good images) for supervised training.
+        masks = torch.stack([dataset[i]["mask"] for i in range(len(dataset))]).bool() if labels.any() else None
         optimizer, scheduler = model.configure_optimizers(self.max_epochs)
         state_path = self.model_dir / "last.ckpt"
         start_epoch = 0
@@ -159,7 +161,9 @@ class Engine:
                     if len(idx) < 2:  # batch norm cannot train on one sample
                         continue
                     feats = features[idx].to(fabric.device, torch.float32, non_blocking=True)
-                    loss = fmodel.training_step(feats, None, labels[idx].to(fabric.device) if labels.any() else None)
+                    batch_masks = None if masks is None else masks[idx].to(fabric.device, torch.float32)
+                    batch_labels = labels[idx].to(fabric.device) if labels.any() else None
+                    loss = fmodel.training_step(feats, batch_masks, batch_labels)
                     optimizer.zero_grad(set_to_none=True)
                     fabric.backward(loss)
                     if getattr(model, "grad_clip", None):

@@ -56,8 +56,8 @@ def extract_features(
 ) -> torch.Tensor:
     """Features ``[N, C, h, w]`` (float16, CPU) of every image in ``dataset``, in order.
 
-    Reuses ``<cache_dir>/<key>.npy`` when present; writes it when the features exceed
-    ``max_memory_gb`` (memory-mapped) or when ``cache_dir`` is given.
+    Reuses ``<cache_dir>/features-<key>.npy`` when present; writes it (memory-mapped) when
+    the features exceed ``max_memory_gb``, which then needs a ``cache_dir``.
     """
     key = cache_key(model, dataset)
     cache_file = Path(cache_dir) / f"features-{key}.npy" if cache_dir else None
@@ -74,7 +74,7 @@ def extract_features(
             if features is None:
                 shape = (len(dataset), *feats.shape[1:])
                 nbytes = int(np.prod(shape)) * 2
-                if nbytes > max_memory_gb * 2**30 or cache_file is not None:
+                if nbytes > max_memory_gb * 2**30:
                     if cache_file is None:
                         raise MemoryError(
                             f"Cached features need {nbytes / 2**30:.1f} GiB, over max_memory_gb={max_memory_gb}. "

@@ -46,7 +46,8 @@ def perlin_noise(
 
     Each sample has its own lattice: ``scales[b] = (sy, sx)`` cells along height and
     width, drawn by default as ``2**k`` with ``k`` uniform in ``[0, max_log2_scale)``
-    independently per axis (1 to 32 cells), as in DRAEM / SuperSimpleNet.
+    independently per axis (1 to 32 cells), as in DRAEM / SuperSimpleNet, but at most half
+    the grid size (a 16-point axis gets at most 8 cells).
     Noise is computed on a power-of-two grid and resized to ``(height, width)``.
 
     Returns:
@@ -56,7 +57,10 @@ def perlin_noise(
     ph, pw = next_power_of_two(height), next_power_of_two(width)
     if scales is None:
         log2 = torch.randint(0, max_log2_scale, (batch, 2), generator=generator)
-        scales = (2**log2).to(torch.float32)
+        # At most half as many cells as grid points: with more, every point falls on the
+        # lattice, where gradient noise is 0, and a small grid would get all-zero noise.
+        limit = torch.tensor([max(ph.bit_length() - 2, 0), max(pw.bit_length() - 2, 0)])
+        scales = (2 ** torch.minimum(log2, limit)).to(torch.float32)
     scales = scales.to(torch.float32).cpu()
     max_cells = int(scales.max().item()) + 2
     angles = 2 * math.pi * torch.rand(batch, max_cells, max_cells, generator=generator)

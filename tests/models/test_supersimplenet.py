@@ -1,0 +1,330 @@
+"""SuperSimpleNet: constructor, training forward (synthetic anomalies, masks, labels), heads,
+loss and optimiser. Checked against the reference (anomalib / official SSN) behaviour."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from defectscope.backbones import WeightsNotFoundError, get_backbone_config
+from defectscope.models import SuperSimpleNet, create_model
+from defectscope.models.supersimplenet import truncated_l1
+
+CHANNELS = 40 + 112  # efficientnet_lite0 blocks.2 + blocks.4
+
+
+def _features(batch: int = 4, size: int = 8, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, CHANNELS, size, size, generator=generator) * 3 + 1
+
+
+@pytest.fixture
+def random_ssn(make_ssn):
+    """Factory: random-backbone SuperSimpleNet (weights do not matter for these tests)."""
+
+    def build(**kwargs):
+        torch.manual_seed(0)
+        return make_ssn(pretrained=False, **kwargs)
+
+    return build
+
+
+class _HeadInputs:
+    """Records what the segmentation-detection head receives."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.segdec.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls.append(tuple(a.detach().clone() for a in args))
+
+    def close(self):
+        self.handle.remove()
+
+
+# ---- constructor -----------------------------------------------------------------------------
+
+
+def test_constructor_defaults_match_anomalib():
+    params = inspect.signature(SuperSimpleNet.__init__).parameters
+    expected = dict(
+        perlin_threshold=0.2,
+        backbone="wide_resnet50_2.tv_in1k",
+        supervised=False,
+        adapt_cls_features=False,
+        pre_processor=True,
+        post_processor=True,
+        evaluator=True,
+        visualizer=True,
+        image_size=256,
+    )
+    for name, default in expected.items():
+        assert name in params, name
+        assert params[name].default == default, (name, params[name].default)
+    # layers=None means the backbone's own default, which for WideResNet-50 is the reference pair.
+    assert params["layers"].default is None
+    assert tuple(get_backbone_config("wide_resnet50_2.tv_in1k").default_layers) == ("layer2", "layer3")
+
+
+def test_default_backbone_without_weights_fails_fast(empty_weight_caches):
+    started = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError) as info:
+        SuperSimpleNet()
+    elapsed = time.perf_counter() - started
+    assert elapsed < 30, f"took {elapsed:.1f} s to report missing weights"
+    message = str(info.value)
+    assert "wide_resnet50_2" in message
+    assert "efficientnet_lite0" in message  # the offline alternative is named
+    assert str(empty_weight_caches[0]) in message  # where it looked
+
+
+def test_constructor_validates_arguments(random_ssn):
+    with pytest.raises(ValueError, match="perlin_threshold"):
+        random_ssn(perlin_threshold=1.5)
+    with pytest.raises(ValueError, match="noise_std"):
+        random_ssn(noise_std=0)
+    with pytest.raises(ValueError, match="image_size"):
+        random_ssn(image_size=16)
+
+
+def test_supervised_switches_stop_grad_and_clipping(random_ssn):
+    unsupervised, supervised = random_ssn(), random_ssn(supervised=True)
+    assert unsupervised.segdec.stop_grad and unsupervised.grad_clip is None
+    assert not supervised.segdec.stop_grad and supervised.grad_clip == 1.0
+
+
+def test_create_model_by_name(random_ssn):
+    model = create_model("Super-Simple_Net", backbone="efficientnet_lite0", image_size=64, pretrained=False)
+    assert isinstance(model, SuperSimpleNet)
+    with pytest.raises(ValueError, match="supersimplenet"):
+        create_model("supersimplnet")
+
+
+# ---- training forward ------------------------------------------------------------------------
+
+
+def test_training_forward_shapes_duplicate_the_batch(random_ssn):
+    model = random_ssn().train()
+    features = _features(batch=3, size=8)
+    map_logits, score_logits, masks, labels = model.training_forward(features)
+    assert map_logits.shape == (6, 1, 8, 8)
+    assert score_logits.shape == (6,)
+    assert masks.shape == (6, 1, 8, 8)
+    assert labels.shape == (6,)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_labels_are_one_exactly_where_the_noise_mask_is_non_empty(random_ssn):
+    model = random_ssn().train()
+    torch.manual_seed(3)
+    _, _, masks, labels = model.training_forward(_features(batch=8, size=8))
+    non_empty = (masks.flatten(1).sum(dim=1) > 0).float()
+    assert torch.equal(labels, non_empty)
+    assert 0 < labels.sum() < len(labels)  # both kinds present in 16 copies
+
+
+def test_noise_is_added_only_inside_the_masks(random_ssn):
+    model = random_ssn().train()
+    features = _features(batch=6, size=8)
+    heads = _HeadInputs(model)
+    torch.manual_seed(4)
+    _, _, masks, _ = model.training_forward(features)
+    heads.close()
+    seg_features, _ = heads.calls[0]
+    with torch.no_grad():
+        clean = model.adaptor(model.standardizer(features)).repeat(2, 1, 1, 1)
+    changed = ((seg_features - clean).abs().amax(dim=1, keepdim=True) > 1e-6).float()
+    assert torch.equal(changed, masks)
+    assert masks.sum() > 0
+
+
+def test_real_masks_are_kept_and_never_get_synthetic_noise(random_ssn):
+    model = random_ssn(supervised=True).train()
+    features = _features(batch=4, size=8)
+    image_masks = torch.zeros(4, 1, 64, 64)
+    image_masks[1, :, 8:40, 16:48] = 1  # a real defect in image 1
+    labels = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    heads = _HeadInputs(model)
+    torch.manual_seed(5)
+    _, _, target_masks, target_labels = model.training_forward(features, image_masks, labels)
+    heads.close()
+    real = model.downsample_mask(image_masks, 8, 8).repeat(2, 1, 1, 1)
+    assert real.sum() > 0
+    assert (target_masks >= real).all()  # the real defect stays in both copies
+    assert target_labels[1] == 1 and target_labels[5] == 1
+    # Synthetic noise lands only where there is no real defect.
+    seg_features, _ = heads.calls[0]
+    with torch.no_grad():
+        clean = model.adaptor(model.standardizer(features)).repeat(2, 1, 1, 1)
+    changed = (seg_features - clean).abs().amax(dim=1, keepdim=True) > 1e-6
+    assert not changed[real.bool()].any()
+    assert torch.equal(changed.float(), target_masks - real)
+
+
+def test_downsample_mask_bilinear_then_half_rule():
+    generator = torch.Generator().manual_seed(0)
+    masks = (torch.rand(3, 32, 32, generator=generator) > 0.6).float()
+    out = SuperSimpleNet.downsample_mask(masks, 16, 16)
+    assert out.shape == (3, 1, 16, 16)
+    # Halving with bilinear (half-pixel centres) averages each 2x2 block; >= 0.5 becomes 1.
+    blocks = masks.numpy().reshape(3, 16, 2, 16, 2).mean(axis=(2, 4))
+    np.testing.assert_array_equal(out[:, 0].numpy(), (blocks >= 0.5).astype(np.float32))
+    # Exactly half a block is anomalous -> 1 (the reference's ">= 0.5", not "> 0.5").
+    half = torch.zeros(1, 1, 2, 2)
+    half[..., 0, :] = 1
+    assert SuperSimpleNet.downsample_mask(half, 1, 1).item() == 1.0
+    # Already at the feature size: only binarised.
+    soft = torch.tensor([[[[0.2, 0.5], [0.7, 0.49]]]])
+    assert SuperSimpleNet.downsample_mask(soft, 2, 2).flatten().tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("adapt_cls_features", [True, False])
+def test_classification_features_icpr_vs_jims(random_ssn, adapt_cls_features):
+    model = random_ssn(adapt_cls_features=adapt_cls_features).train()
+    features = _features(batch=4, size=8)
+    heads = _HeadInputs(model)
+    torch.manual_seed(6)
+    model.training_forward(features)
+    model.eval()
+    with torch.no_grad():
+        model.forward_features(features, (64, 64))
+    heads.close()
+    (train_seg, train_cls), (eval_seg, eval_cls) = heads.calls
+    with torch.no_grad():
+        standardized = model.standardizer(features)
+        adapted = model.adaptor(standardized)
+    assert torch.allclose(eval_seg, adapted)
+    if adapt_cls_features:  # ICPR: both heads see the adapted (and perturbed) features
+        assert torch.equal(train_cls, train_seg)
+        assert torch.allclose(eval_cls, adapted)
+    else:  # JIMS: the classifier sees the standardised backbone features with the same noise
+        assert not torch.allclose(train_cls, train_seg)
+        noise = train_seg - adapted.repeat(2, 1, 1, 1)
+        assert torch.allclose(train_cls, standardized.repeat(2, 1, 1, 1) + noise, atol=1e-5)
+        assert torch.allclose(eval_cls, standardized)
+
+
+@pytest.mark.parametrize("supervised", [False, True])
+def test_stop_grad_between_heads(random_ssn, supervised):
+    model = random_ssn(supervised=supervised).train()
+    _, score_logits, _, labels = model.training_forward(_features(batch=4, size=8))
+    # Only the score loss: does its gradient reach the segmentation head?
+    F.binary_cross_entropy_with_logits(score_logits, labels).backward()
+    seg_grads = [p.grad for p in model.segdec.seg_head.parameters()]
+    cls_grads = [p.grad for p in model.segdec.cls_fc.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in cls_grads)
+    reaches_seg = any(g is not None and g.abs().sum() > 0 for g in seg_grads)
+    assert reaches_seg == supervised
+
+
+# ---- loss ------------------------------------------------------------------------------------
+
+
+def test_truncated_l1_hand_computed():
+    pred = torch.tensor([[-1.0, 0.2], [0.7, -0.3]])
+    target = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    # normal: max(-1 + .5, 0) = 0, max(.2 + .5, 0) = .7 -> mean .35
+    # anomalous: max(.5 - .7, 0) = 0, max(.5 + .3, 0) = .8 -> mean .4
+    assert truncated_l1(pred, target).item() == pytest.approx(0.75)
+    # No anomalous positions: that part adds nothing.
+    assert truncated_l1(pred[0], target[0]).item() == pytest.approx(0.35)
+    assert truncated_l1(torch.tensor([0.9, -0.2]), torch.tensor([1.0, 1.0])).item() == pytest.approx(0.35)
+    assert truncated_l1(torch.tensor([-0.6, 0.6]), torch.tensor([0.0, 1.0])).item() == 0.0
+
+
+def _focal(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
+    p = torch.sigmoid(logits.double())
+    p_t = torch.where(targets > 0, p, 1 - p)
+    return (-((1 - p_t) ** gamma) * torch.log(p_t)).mean()
+
+
+def test_loss_is_focal_plus_truncated_l1_plus_score_focal(random_ssn):
+    model = random_ssn()
+    generator = torch.Generator().manual_seed(0)
+    map_logits = torch.randn(4, 1, 5, 5, generator=generator) * 2
+    masks = (torch.rand(4, 1, 5, 5, generator=generator) > 0.7).float()
+    score_logits = torch.randn(4, generator=generator)
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    expected = _focal(map_logits, masks) + truncated_l1(map_logits.double(), masks) + _focal(score_logits, labels)
+    assert model.loss(map_logits, score_logits, masks, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_loss_decreases_on_a_fixed_batch(random_ssn):
+    model = random_ssn().train()
+    features = _features(batch=4, size=4)
+    model.fit_feature_statistics(features)
+    optimizer, _ = model.configure_optimizers(max_epochs=20)
+
+    def fixed_loss() -> float:
+        # The same synthetic anomalies before and after training.
+        values = []
+        with torch.no_grad():
+            for seed in range(3):
+                torch.manual_seed(100 + seed)
+                values.append(model.training_step(features).item())
+        return float(np.mean(values))
+
+    before = fixed_loss()
+    torch.manual_seed(0)
+    for _ in range(20):
+        loss = model.training_step(features)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = fixed_loss()
+    assert after < 0.75 * before, (before, after)
+
+
+def test_optimiser_and_schedule_match_the_reference(random_ssn):
+    model = random_ssn()
+    optimizer, scheduler = model.configure_optimizers(max_epochs=300)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    adaptor_group, heads_group = optimizer.param_groups
+    assert adaptor_group["lr"] == pytest.approx(1e-4)
+    assert heads_group["lr"] == pytest.approx(2e-4)
+    assert heads_group["weight_decay"] == pytest.approx(1e-5)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert in_optimizer == trainable  # everything but the frozen backbone, nothing twice
+    assert not any(p.requires_grad for p in model.feature_extractor.parameters())
+    lrs = []
+    for _ in range(300):
+        lrs.append(optimizer.param_groups[1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # x0.4 after 80 % and again after 90 % of the epochs.
+    assert lrs[239] == pytest.approx(2e-4) and lrs[240] == pytest.approx(0.8e-4)
+    assert lrs[269] == pytest.approx(0.8e-4) and lrs[270] == pytest.approx(0.32e-4)
+    # lr_scale multiplies both reference rates.
+    scaled, _ = random_ssn(lr_scale=2.5).configure_optimizers(max_epochs=10)
+    assert [g["lr"] for g in scaled.param_groups] == pytest.approx([2.5e-4, 5e-4])
+
+
+# ---- inference -------------------------------------------------------------------------------
+
+
+def test_forward_outputs_and_post_processor(random_ssn):
+    model = random_ssn().eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        maps, scores = model(images)
+        model.post_processor = False
+        raw_maps, raw_scores = model(images)
+    assert maps.shape == (2, 1, 64, 64) and scores.shape == (2,)
+    assert ((maps >= 0) & (maps <= 1)).all() and ((scores >= 0) & (scores <= 1)).all()
+    torch.testing.assert_close(raw_maps.sigmoid(), maps)
+    torch.testing.assert_close(raw_scores.sigmoid(), scores)
+
+
+def test_extract_features_shape(make_ssn):
+    model = make_ssn(pretrained=False, upscale_factor=2)
+    with torch.no_grad():
+        features = model.extract_features(torch.randn(2, 3, 64, 64))
+    # blocks.2 has stride 8: 8x8 at 64 px, upscaled x2.
+    assert features.shape == (2, CHANNELS, 16, 16)
