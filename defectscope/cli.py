@@ -14,6 +14,10 @@ from pathlib import Path
 DEMO_EPOCHS = 3
 
 
+class UsageError(ValueError):
+    """A command line that cannot work; printed without a traceback, exit status 2."""
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=["elpv", "mvtec", "folder", "synthetic"], default="elpv",
@@ -35,8 +39,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--results-path", default="results", help="root of run folders")
     g.add_argument("--project", default="defectscope", help="run folder level 1")
-    g.add_argument("--group", default=None, help="run folder level 2 (default: the data set name)")
-    g.add_argument("--run-name", default=None, help="run folder level 3 (default: a timestamp)")
+    g.add_argument("--group", default=None, help="run folder level 2; None: the data set name")
+    g.add_argument("--run-name", default=None, help="run folder level 3; None: a timestamp")
     g.add_argument("--batch-size", type=int, default=8, help="images per step (the paper: 32; 8 learns more per CPU-minute)")
     g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model on CPU)")
     g.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (Lightning Fabric)")
@@ -46,6 +50,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-images", action="store_true", help="do not write heat-map overlays")
+    g.add_argument("--max-images", type=int, default=60,
+                   help="overlays per category: the highest-scoring good, lowest- and highest-scoring defective "
+                        "images (0: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="supersimplenet", help="model name")
     m.add_argument("--backbone", default="efficientnet_lite0",
                    help="efficientnet_lite0/1/2 (packaged), resnet18, wide_resnet50_2 (need --weights or a local cache)")
-    m.add_argument("--layers", nargs="+", default=None, help="backbone layers (default: the backbone's own)")
+    m.add_argument("--layers", nargs="+", default=None, help="backbone layers; None: the backbone's own")
     m.add_argument("--weights", default=None, help="backbone weights file (.pth/.safetensors)")
     m.add_argument("--image-size", type=int, default=256, help="images are resized to this square size")
     m.add_argument("--perlin-threshold", type=float, default=0.2, help="Perlin noise threshold for synthetic anomalies")
     m.add_argument("--noise-std", type=float, default=None,
-                   help="synthetic feature-noise std in units of each channel's std (default: the model's)")
+                   help="synthetic feature-noise std in units of each channel's std; None: the model's (1.0)")
     m.add_argument("--adapt-cls-features", action="store_true", help="ICPR variant (default: JIMS)")
     m.add_argument("--upscale-factor", type=int, default=1,
                    help="feature map size as a multiple of the largest backbone map (reference: 2, 4x slower)")
@@ -98,7 +105,7 @@ def _splits(args) -> list[tuple[str, object]]:
         return [(c, data.elpv_split(c, seed=args.split_seed)) for c in (args.category or ["mono", "poly"])]
     if args.data == "mvtec":
         if not args.data_path or not args.category:
-            raise SystemExit("--data mvtec needs --data-path <root> and --category <name> [...]")
+            raise UsageError("--data mvtec needs --data-path <root> and --category <name> [...]")
         return [(c, data.mvtec_split(args.data_path, c)) for c in args.category]
     if args.data == "synthetic":
         root = Path(args.data_path or "results/synthetic-data")
@@ -108,7 +115,7 @@ def _splits(args) -> list[tuple[str, object]]:
             out.append((c, data.mvtec_split(root, c)))
         return out
     if not args.normal_dir:
-        raise SystemExit("--data folder needs --normal-dir (and usually --abnormal-dir, --mask-dir)")
+        raise UsageError("--data folder needs --normal-dir (and usually --abnormal-dir, --mask-dir)")
     split = data.folder_split(args.normal_dir, args.abnormal_dir, args.mask_dir,
                               test_split_ratio=args.test_split_ratio, seed=args.split_seed)
     return [(Path(args.normal_dir).name, split)]
@@ -146,6 +153,8 @@ def _print_metrics(rows: list[dict], run_dir: Path) -> None:
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from defectscope.data import summarise
     from defectscope.models import create_model
 
@@ -154,6 +163,7 @@ def cmd_train(args) -> int:
     run_name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
     rows, run_dir = [], None
     for index, (category, split) in enumerate(splits):
+        torch.manual_seed(args.seed)  # the heads' initial weights, so --seed fixes the whole model
         kwargs = dict(backbone=args.backbone, layers=args.layers, weights=args.weights, image_size=args.image_size,
                       perlin_threshold=args.perlin_threshold, adapt_cls_features=args.adapt_cls_features,
                       upscale_factor=args.upscale_factor, lr_scale=args.lr_scale, visualizer=not args.no_images)
@@ -166,7 +176,7 @@ def cmd_train(args) -> int:
         print(f"[{category}] {summarise(split)}")
         engine.fit(model, split.train)
         if not args.no_test:
-            metrics = engine.test(model, split.test, category=category)
+            metrics = engine.test(model, split.test, category=category, max_images=args.max_images or None)
             metrics["notes"] = list(split.notes) + metrics["notes"]
             rows.append(metrics)
     if rows:
@@ -189,7 +199,8 @@ def cmd_test(args) -> int:
         engine = _engine(args, results_path=run_dir.parent.parent.parent, project=run_dir.parent.parent.name,
                          group=run_dir.parent.name, run_name=run_dir.name)
         engine.model_index = int(folder.name)
-        metrics = engine.test(model, split.test, category=category, save_images=not args.no_images)
+        metrics = engine.test(model, split.test, category=category, save_images=not args.no_images,
+                              max_images=args.max_images or None)
         metrics["notes"] = list(split.notes) + metrics["notes"]
         rows.append(metrics)
     _print_metrics(rows, run_dir)
@@ -217,16 +228,19 @@ def cmd_predict(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv or ["train"])
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]  # no command: train (no arguments at all: the ELPV demo)
+    args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["train", *argv])
+        parser.print_help()
+        return 2
     handlers = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict}
     from defectscope.backbones import WeightsNotFoundError
     from defectscope.data import DataError
 
     try:
         return handlers[args.command](args)
-    except (DataError, WeightsNotFoundError, FileNotFoundError) as err:
+    except (DataError, WeightsNotFoundError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -201,28 +201,21 @@ def test_wide_resnet_without_weights_exit_2_pointing_to_efficientnet(data_root, 
     assert "wide_resnet50_2" in err and "efficientnet_lite0" in err
 
 
-# ---- known CLI problems (reported; strict xfail so a fix is noticed) ----------------------------
+# ---- CLI problems found earlier, now fixed ----------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="_splits raises SystemExit(message): exit status 1, not 2")
 def test_folder_without_normal_dir_exit_2(tmp_path, capsys):
     code = run_cli(["train", "--data", "folder", "--epochs", 1, *FAST])
     assert code == 2
     assert "--normal-dir" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="_splits raises SystemExit(message): exit status 1, not 2")
 def test_mvtec_without_data_path_exit_2(tmp_path, capsys):
     code = run_cli(["train", "--data", "mvtec", "--epochs", 1, *FAST])
     assert code == 2
     assert "--data-path" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ValueError from the model / engine (bad image size, layers, epochs, batch size) is not caught "
-    "by main(): a traceback instead of exit 2 and a message",
-)
 @pytest.mark.parametrize(
     "option", [["--image-size", 16], ["--layers", "layer9"], ["--epochs", 0], ["--batch-size", 1]], ids=str
 )
@@ -233,9 +226,6 @@ def test_bad_model_or_engine_value_exit_2(option, data_root, capsys):
     assert option[0].lstrip("-").replace("-", "_") in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True, reason="main() parses argv before falling back to `train`, so options without a command fail"
-)
 def test_options_without_a_command_mean_train(data_root, tmp_path):
     code = run_cli(["--data", "mvtec", "--data-path", data_root, "--category", CATEGORY, "--epochs", 1,
                     "--image-size", 64, "--results-path", tmp_path, "--run-name", "r", "--no-test", *FAST])
@@ -243,11 +233,6 @@ def test_options_without_a_command_mean_train(data_root, tmp_path):
     assert (tmp_path / "defectscope" / "mvtec" / "r" / "models" / "0" / "ckpt.pth").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--seed seeds training only: the model's initial weights come from torch's global generator "
-    "before the engine seeds it, so two runs in one process differ",
-)
 def test_same_seed_same_model_in_one_process(data_root, tmp_path):
     states = []
     for name in ("one", "two"):

@@ -233,10 +233,18 @@ class Engine:
 
     # ---- test -------------------------------------------------------------------------
     @torch.inference_mode()
-    def test(self, model, samples: list[Sample], category: str = "default", save_images: bool | None = None) -> dict:
+    def test(
+        self,
+        model,
+        samples: list[Sample],
+        category: str = "default",
+        save_images: bool | None = None,
+        max_images: int | None = None,
+    ) -> dict:
         """Score ``samples`` (good and defective), compute metrics, fit the F1-optimal
         threshold, append a row to ``results.csv`` and (``save_images`` or the model's
-        ``visualizer``) write heat-map overlays. Returns the metrics dict (``notes`` says
+        ``visualizer``) write heat-map overlays: all of them, or with ``max_images`` the
+        most telling ones (highest-scoring good images, lowest- and highest-scoring defects). Returns the metrics dict (``notes`` says
         which metrics could not be computed and why)."""
         self._launch()
         if save_images is None:
@@ -268,8 +276,10 @@ class Engine:
             if save_images:
                 lo, hi = (0.0, 1.0) if model.post_processor else (float(maps_for_images.min()), float(maps_for_images.max()))
                 folder = self.run_dir / "images" / category
-                with progress_bar("Writing overlays", total=len(dataset), enabled=self.progress) as advance:
-                    for i, sample in enumerate(dataset.samples):
+                chosen = _telling_images(scores, labels, max_images)
+                with progress_bar("Writing overlays", total=len(chosen), enabled=self.progress) as advance:
+                    for i in chosen:
+                        sample = dataset.samples[i]
                         mask = dataset[i]["mask"][0].numpy() if sample.mask_path is not None else None
                         name = f"{sample.defect_type}_{Path(sample.path).stem}.png"
                         save_overlay(folder / name, sample.path, maps_for_images[i].numpy(), float(scores[i]),
@@ -306,6 +316,7 @@ class Engine:
             for key in RESULT_COLUMNS[1:]:
                 values = [float(r[key]) for r in rows if r[key] not in (None, "", "nan")]
                 mean[key] = float(np.mean(values)) if values else math.nan
+            mean["n_test"] = int(sum(int(float(r["n_test"])) for r in rows))
             rows.append(mean)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".csv.tmp")
@@ -348,3 +359,16 @@ class Engine:
                 save_overlay(out / "images" / f"{i:05d}_{s.path.stem}.png", s.path, maps[i].float().numpy(),
                              float(scores[i]), threshold, lo, hi)
         return results
+
+
+def _telling_images(scores: np.ndarray, labels: np.ndarray, max_images: int | None) -> list[int]:
+    """Indices of the images worth looking at: all when ``max_images`` is None; else up to a
+    third each of the highest-scoring good images (false alarms), the lowest-scoring defects
+    (misses) and the highest-scoring defects."""
+    if max_images is None or max_images >= len(scores):
+        return list(range(len(scores)))
+    third = max(1, max_images // 3)
+    good = [int(i) for i in np.argsort(-scores) if labels[i] == 0][:third]
+    defects = [int(i) for i in np.argsort(scores) if labels[i] == 1]
+    chosen = good + defects[:third] + defects[::-1][:third]
+    return sorted(dict.fromkeys(chosen))[:max_images]
