@@ -152,6 +152,12 @@ def _print_metrics(rows: list[dict], run_dir: Path) -> None:
             console.print(f"[yellow]note[/] ({r['category']}): {note}")
 
 
+def _merge_notes(split_notes: list[str], metric_notes: list[str]) -> list[str]:
+    """The split's notes, then the metrics' notes that say something new."""
+    pixel_explained = any("pixel AUROC" in n for n in split_notes)
+    return list(split_notes) + [n for n in metric_notes if not (pixel_explained and n.startswith("pixel AUROC and AUPRO need"))]
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -177,7 +183,7 @@ def cmd_train(args) -> int:
         engine.fit(model, split.train)
         if not args.no_test:
             metrics = engine.test(model, split.test, category=category, max_images=args.max_images or None)
-            metrics["notes"] = list(split.notes) + metrics["notes"]
+            metrics["notes"] = _merge_notes(split.notes, metrics["notes"])
             rows.append(metrics)
     if rows:
         _print_metrics(rows, run_dir)
@@ -201,7 +207,7 @@ def cmd_test(args) -> int:
         engine.model_index = int(folder.name)
         metrics = engine.test(model, split.test, category=category, save_images=not args.no_images,
                               max_images=args.max_images or None)
-        metrics["notes"] = list(split.notes) + metrics["notes"]
+        metrics["notes"] = _merge_notes(split.notes, metrics["notes"])
         rows.append(metrics)
     _print_metrics(rows, run_dir)
     return 0
