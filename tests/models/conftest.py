@@ -16,19 +16,6 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def empty_weight_caches(tmp_path, monkeypatch):
-    """Point every weight cache at empty temporary folders (no cached backbone weights)."""
-    torch_home, hf_home = tmp_path / "torch_home", tmp_path / "hf_home"
-    torch_home.mkdir()
-    hf_home.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    return torch_home, hf_home
-
-
 def small_ssn(**kwargs):
     """A SuperSimpleNet on the packaged EfficientNet-Lite0 at 64 px (override anything)."""
     from defectscope.models import SuperSimpleNet
