@@ -274,7 +274,7 @@ class Engine:
         if self.fabric.is_global_zero:
             self._write_results(metrics)
             if save_images:
-                lo, hi = (0.0, 1.0) if model.post_processor else (float(maps_for_images.min()), float(maps_for_images.max()))
+                lo, hi = _overlay_range(model, maps_for_images)
                 folder = self.run_dir / "images" / category
                 chosen = _telling_images(scores, labels, max_images)
                 with progress_bar("Writing overlays", total=len(chosen), enabled=self.progress) as advance:
@@ -354,11 +354,19 @@ class Engine:
                 writer = csv.DictWriter(fh, fieldnames=["path", "score", "is_defect"])
                 writer.writeheader()
                 writer.writerows(results)
-            lo, hi = (0.0, 1.0) if model.post_processor else (float(maps.min()), float(maps.max()))
+            lo, hi = _overlay_range(model, maps)
             for i, s in enumerate(dataset.samples if save_images else []):
                 save_overlay(out / "images" / f"{i:05d}_{s.path.stem}.png", s.path, maps[i].float().numpy(),
                              float(scores[i]), threshold, lo, hi)
         return results
+
+
+def _overlay_range(model, maps: torch.Tensor) -> tuple[float, float]:
+    """Colour range of heat-maps: [0, 1] for sigmoid outputs, else the maps' own range, so
+    every overlay of a run uses the same scale."""
+    if model.post_processor:
+        return 0.0, 1.0
+    return float(maps.min()), float(maps.max())
 
 
 def _telling_images(scores: np.ndarray, labels: np.ndarray, max_images: int | None) -> list[int]:
