@@ -33,6 +33,14 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-split-ratio", type=float, default=0.2,
                    help="folder layout: share of good images held out for testing")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the ELPV / folder train-test split")
+    g.add_argument("--train-defects", type=int, default=0,
+                   help="ELPV: probability-1 cells per type added to training with image labels only "
+                        "(weak supervision; drawn from a fixed pool of 50, so the test set stays the same)")
+    g.add_argument("--train-defect-fraction", type=float, default=0.0,
+                   help="MVTec / folder / synthetic: share of each defect type moved from test to training "
+                        "(with masks where they exist)")
+    g.add_argument("--train-abnormal-dir", default=None,
+                   help="folder layout: labelled defective training images (masks from --mask-dir where they match)")
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -73,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--noise-std", type=float, default=None,
                    help="synthetic feature-noise std in units of each channel's std; None: the model's (1.0)")
     m.add_argument("--adapt-cls-features", action="store_true", help="ICPR variant (default: JIMS)")
+    m.add_argument("--regime", choices=["auto", "unsupervised", "weakly", "mixed", "supervised"], default="auto",
+                   help="supervision regime; auto follows the training data (labelled defects with masks: "
+                        "supervised, with image labels only: weakly, both: mixed, none: unsupervised)")
     m.add_argument("--upscale-factor", type=int, default=1,
                    help="feature map size as a multiple of the largest backbone map (reference: 2, 4x slower)")
     m.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="training epochs (the paper uses 300)")
@@ -102,22 +113,28 @@ def _splits(args) -> list[tuple[str, object]]:
     from defectscope import data
 
     if args.data == "elpv":
-        return [(c, data.elpv_split(c, seed=args.split_seed)) for c in (args.category or ["mono", "poly"])]
+        return [(c, data.elpv_split(c, seed=args.split_seed, train_defects=args.train_defects))
+                for c in (args.category or ["mono", "poly"])]
+    if args.train_defects:
+        raise UsageError("--train-defects is for --data elpv; use --train-defect-fraction for MVTec / folder / synthetic")
+    fraction = args.train_defect_fraction
     if args.data == "mvtec":
         if not args.data_path or not args.category:
             raise UsageError("--data mvtec needs --data-path <root> and --category <name> [...]")
-        return [(c, data.mvtec_split(args.data_path, c)) for c in args.category]
+        return [(c, data.mvtec_split(args.data_path, c, train_defect_fraction=fraction, seed=args.split_seed))
+                for c in args.category]
     if args.data == "synthetic":
         root = Path(args.data_path or "results/synthetic-data")
         out = []
         for i, c in enumerate(args.category or ["synthetic"]):
             data.make_synthetic_mvtec(root, category=c, seed=args.split_seed + i)
-            out.append((c, data.mvtec_split(root, c)))
+            out.append((c, data.mvtec_split(root, c, train_defect_fraction=fraction, seed=args.split_seed)))
         return out
     if not args.normal_dir:
         raise UsageError("--data folder needs --normal-dir (and usually --abnormal-dir, --mask-dir)")
     split = data.folder_split(args.normal_dir, args.abnormal_dir, args.mask_dir,
-                              test_split_ratio=args.test_split_ratio, seed=args.split_seed)
+                              test_split_ratio=args.test_split_ratio, seed=args.split_seed,
+                              train_abnormal_dir=args.train_abnormal_dir, train_defect_fraction=fraction)
     return [(Path(args.normal_dir).name, split)]
 
 
@@ -180,7 +197,7 @@ def cmd_train(args) -> int:
         engine.model_index = index
         run_dir = engine.run_dir
         print(f"[{category}] {summarise(split)}")
-        engine.fit(model, split.train)
+        engine.fit(model, split.train, regime=args.regime)
         if not args.no_test:
             metrics = engine.test(model, split.test, category=category, max_images=args.max_images or None)
             metrics["notes"] = _merge_notes(split.notes, metrics["notes"])

@@ -244,3 +244,19 @@ def test_same_seed_same_model_in_one_process(data_root, tmp_path):
         states.append(torch.load(ckpt, weights_only=True)["state_dict"])
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_train_with_labelled_defects_reports_the_regime(data_root, tmp_path, capsys):
+    common = ["train", "--data", "mvtec", "--data-path", data_root, "--category", CATEGORY, "--epochs", 1,
+              "--image-size", 64, "--results-path", tmp_path, "--no-test", *FAST]
+    assert run_cli([*common, "--run-name", "sup", "--train-defect-fraction", 0.5]) == 0
+    assert "Training regime: supervised (8 good images, 1 defective: 1 with masks" in capsys.readouterr().out
+    assert run_cli([*common, "--run-name", "weak", "--train-defect-fraction", 0.5, "--regime", "weakly"]) == 0
+    out = capsys.readouterr().out
+    assert "masks of 1 defective training images are not used" in out and "Training regime: weakly supervised" in out
+
+
+def test_train_defects_is_elpv_only(data_root, capsys):
+    code = run_cli(["train", "--data", "mvtec", "--data-path", data_root, "--category", CATEGORY,
+                    "--train-defects", 5, *FAST])
+    assert code == 2 and "--train-defect-fraction" in capsys.readouterr().err

@@ -13,7 +13,17 @@ from .dataset import AnomalyDataset
 from .elpv import elpv_split
 from .images import IMAGE_EXTENSIONS, DataError, list_images, load_image, load_mask
 from .layouts import folder_split, mvtec_split
-from .samples import DataSplit, Sample, check_test_classes, summarise
+from .samples import (
+    REGIME_CHOICES,
+    REGIMES,
+    DataSplit,
+    Sample,
+    check_test_classes,
+    describe_regime,
+    resolve_regime,
+    summarise,
+    training_regime,
+)
 from .synthetic import make_synthetic_mvtec
 
 __all__ = [
@@ -31,4 +41,9 @@ __all__ = [
     "make_synthetic_mvtec",
     "summarise",
     "check_test_classes",
+    "REGIMES",
+    "REGIME_CHOICES",
+    "training_regime",
+    "resolve_regime",
+    "describe_regime",
 ]

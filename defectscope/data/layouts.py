@@ -10,7 +10,7 @@ import numpy as np
 from .images import IMAGE_EXTENSIONS, DataError, _is_image_file, _show, list_images
 from .samples import DataSplit, Sample, check_test_classes
 
-__all__ = ["mvtec_split", "folder_split"]
+__all__ = ["mvtec_split", "folder_split", "move_defects_to_train"]
 
 MVTEC_LAYOUT = """\
   <root>/<category>/train/good/*.png                      good training images
@@ -64,7 +64,43 @@ def _match_masks(
     return matched, missing, unused
 
 
-def mvtec_split(root: str | os.PathLike, category: str) -> DataSplit:
+def _check_fraction(fraction: float, name: str) -> float:
+    if isinstance(fraction, bool) or not 0.0 <= float(fraction) < 1.0:
+        raise DataError(f"{name} must be in [0, 1), got {fraction!r}. Fix: pass e.g. 0.2 (0: no labelled defects in training).")
+    return float(fraction)
+
+
+def move_defects_to_train(split: DataSplit, fraction: float, seed: int = 0) -> DataSplit:
+    """Move ``round(n * fraction)`` defective test images of each defect type (seeded) into the
+    training set, with their masks when they have them, for supervised training.
+
+    The rest of the test set is unchanged, and a note records the move.
+    """
+    fraction = _check_fraction(fraction, "train_defect_fraction")
+    if fraction == 0:
+        return split
+    rng = np.random.default_rng(seed)
+    moved: list[Sample] = []
+    for kind in sorted({s.defect_type for s in split.test if s.label == 1}):
+        group = [s for s in split.test if s.label == 1 and s.defect_type == kind]
+        n = int(round(len(group) * fraction))
+        if n >= len(group) and len(group) > 1:
+            n = len(group) - 1  # keep at least one of each type for testing
+        moved.extend(group[i] for i in sorted(rng.permutation(len(group))[:n].tolist()))
+    chosen = set(moved)
+    split.test = [s for s in split.test if s not in chosen]
+    split.train = split.train + moved
+    with_mask = sum(s.mask_path is not None for s in moved)
+    split.notes.append(
+        f"{len(moved)} defective test images (share {fraction:g} of each defect type, seed {seed}) moved to "
+        f"training: {with_mask} with masks, {len(moved) - with_mask} with image labels only."
+    )
+    return split
+
+
+def mvtec_split(
+    root: str | os.PathLike, category: str, train_defect_fraction: float = 0.0, seed: int = 0
+) -> DataSplit:
     """Read one category of an MVTec-AD-layout data set (also VisA converted to it, BTAD, ...).
 
     Layout::
@@ -79,9 +115,12 @@ def mvtec_split(root: str | os.PathLike, category: str) -> DataSplit:
     without a mask file is kept with ``mask_path=None`` and a note; so are empty defect folders
     (skipped) and masks that match no image. One mask file per image: MVTec LOCO's per-image mask
     folders are not merged, so those defects get image labels only (with a note).
+    ``train_defect_fraction`` > 0 moves that share of each defect type (chosen with ``seed``) from
+    test to train, with masks, for supervised training (:func:`move_defects_to_train`).
     :func:`check_test_classes` notes are appended.
     Raises :class:`DataError` naming the expected path when a required folder is missing.
     """
+    _check_fraction(train_defect_fraction, "train_defect_fraction")
     root = Path(root)
     base = root / category
     for folder, what in ((root, "Data set root"), (base, f"Category folder {category!r}")):
@@ -148,7 +187,7 @@ def mvtec_split(root: str | os.PathLike, category: str) -> DataSplit:
             notes.append(
                 f"Mask folders in {ground_truth} with no test folder: {', '.join(orphans)} (ignored)."
             )
-    split = DataSplit(name=category, train=train, test=test, notes=notes)
+    split = move_defects_to_train(DataSplit(name=category, train=train, test=test, notes=notes), train_defect_fraction, seed)
     split.notes.extend(check_test_classes(split))
     return split
 
@@ -175,6 +214,8 @@ def folder_split(
     normal_test_dir: str | os.PathLike | None = None,
     test_split_ratio: float = 0.2,
     seed: int = 0,
+    train_abnormal_dir: str | os.PathLike | None = None,
+    train_defect_fraction: float = 0.0,
 ) -> DataSplit:
     """A split from a user's own folders.
 
@@ -186,6 +227,10 @@ def folder_split(
       ``<stem>.*`` (any image extension; also per-type sub-folders). Defects without a mask are
       kept with ``mask_path=None`` and a note.
     - ``normal_test_dir``: good test images, instead of holding out part of ``normal_dir``.
+    - ``train_abnormal_dir``: labelled defective images for supervised training (same layout as
+      ``abnormal_dir``; masks from ``mask_dir`` when they match, else image labels only). An
+      empty folder adds none, with a note (training is then unsupervised).
+    - ``train_defect_fraction``: share of each defect type of ``abnormal_dir`` moved to training.
 
     :func:`check_test_classes` notes are appended (e.g. when no abnormal images are given).
     """
@@ -246,12 +291,45 @@ def folder_split(
             f"mask_dir {mask_dir} ignored: masks belong to abnormal images and no abnormal_dir was given."
         )
 
+    if train_abnormal_dir is not None:
+        train.extend(_train_defects(Path(train_abnormal_dir), mask_dir, notes))
+    _check_fraction(train_defect_fraction, "train_defect_fraction")
     name = (
         normal_dir.name if normal_dir.name not in ("", "good", "normal") else normal_dir.resolve().parent.name
     )
     split = DataSplit(name=name or "folder", train=train, test=sorted(test, key=_order), notes=notes)
+    split = move_defects_to_train(split, train_defect_fraction, seed)
     split.notes.extend(check_test_classes(split))
     return split
+
+
+def _train_defects(folder: Path, mask_dir, notes: list[str]) -> list[Sample]:
+    """Labelled training defects from ``folder`` (masks from ``mask_dir`` when they match)."""
+    if not folder.is_dir():
+        raise DataError(
+            f"Training defect folder not found: {_show(folder)}. Fix: check the path, or leave "
+            "train_abnormal_dir out for unsupervised training."
+        )
+    has_images = any(p.is_file() and _is_image_file(p) for p in folder.rglob("*"))
+    if not has_images:
+        notes.append(
+            f"The training defect folder {folder} has no images: no labelled defects, so training is unsupervised."
+        )
+        return []
+    mask_root = Path(mask_dir) if mask_dir is not None else None
+    samples: list[Sample] = []
+    for kind, images in _abnormal_groups(folder):
+        masks = [None] * len(images)
+        if mask_root is not None and mask_root.is_dir():
+            sub = mask_root / kind if kind != "defect" and (mask_root / kind).is_dir() else mask_root
+            masks, _, _ = _match_masks(images, sub)
+        samples.extend(Sample(p, 1, m, kind) for p, m in zip(images, masks, strict=True))
+    with_mask = sum(s.mask_path is not None for s in samples)
+    notes.append(
+        f"{len(samples)} labelled defective training images from {folder}: {with_mask} with masks, "
+        f"{len(samples) - with_mask} with image labels only."
+    )
+    return samples
 
 
 def _order(sample: Sample) -> tuple[int, str, str]:

@@ -8,7 +8,17 @@ from pathlib import Path
 
 from .images import DataError
 
-__all__ = ["Sample", "DataSplit", "summarise", "check_test_classes"]
+__all__ = [
+    "Sample",
+    "DataSplit",
+    "summarise",
+    "check_test_classes",
+    "REGIMES",
+    "REGIME_CHOICES",
+    "training_regime",
+    "resolve_regime",
+    "describe_regime",
+]
 
 
 @dataclass(frozen=True)
@@ -109,3 +119,79 @@ def check_test_classes(split: DataSplit) -> list[str]:
             "pixel AUROC and AUPRO can only use the good images and the defects that have masks."
         )
     return notes
+
+
+REGIMES = ("unsupervised", "weakly", "mixed", "supervised")
+REGIME_CHOICES = ("auto", *REGIMES)
+
+
+def training_regime(samples: list[Sample]) -> str:
+    """The supervision regime the training samples allow.
+
+    - ``unsupervised``: good images only;
+    - ``supervised``: every defective image has a pixel mask;
+    - ``weakly``: defective images with image labels only (no masks);
+    - ``mixed``: some defective images with masks, some with labels only.
+    """
+    defects = [s for s in samples if s.label == 1]
+    if not defects:
+        return "unsupervised"
+    with_mask = sum(s.mask_path is not None for s in defects)
+    if with_mask == len(defects):
+        return "supervised"
+    return "weakly" if with_mask == 0 else "mixed"
+
+
+def resolve_regime(samples: list[Sample], requested: str = "auto") -> tuple[list[Sample], str, list[str]]:
+    """Training samples, regime and notices for a requested regime.
+
+    ``auto`` follows the data (:func:`training_regime`). A request the data cannot meet is
+    adjusted, never an error, and a notice says how:
+
+    - ``unsupervised`` with labelled defects: the defects are left out of training;
+    - ``weakly`` with masks: the masks are not used (image labels only);
+    - ``supervised`` with some defects lacking masks: those train on their image label (mixed);
+    - any supervised regime without defective images: unsupervised.
+    """
+    if requested not in REGIME_CHOICES:
+        raise DataError(f"Unknown training regime {requested!r}. Fix: use one of {', '.join(REGIME_CHOICES)}.")
+    found = training_regime(samples)
+    defects = [s for s in samples if s.label == 1]
+    with_mask = sum(s.mask_path is not None for s in defects)
+    notes: list[str] = []
+    if requested == "unsupervised" and defects:
+        notes.append(f"Regime 'unsupervised' requested: the {len(defects)} labelled defective training images are not used.")
+        return [s for s in samples if s.label == 0], "unsupervised", notes
+    if requested in ("weakly", "supervised", "mixed") and not defects:
+        notes.append(
+            f"Regime {requested!r} requested but the training set has no labelled defective images: "
+            "training unsupervised. Fix: add defective training images (e.g. --train-defects)."
+        )
+        return samples, "unsupervised", notes
+    if requested == "weakly" and with_mask:
+        notes.append(f"Regime 'weakly' requested: the masks of {with_mask} defective training images are not used.")
+        samples = [Sample(s.path, s.label, None, s.defect_type) if s.label == 1 else s for s in samples]
+        return samples, "weakly", notes
+    if requested in ("supervised", "mixed") and found != requested and found != "unsupervised":
+        missing = len(defects) - with_mask
+        if requested == "supervised":
+            notes.append(
+                f"Regime 'supervised' requested but {missing} of {len(defects)} defective training images "
+                f"have no mask: they train on their image label only (regime '{found}')."
+            )
+        else:
+            notes.append(f"Regime 'mixed' requested; the data gives '{found}' ({with_mask} of {len(defects)} defects with masks).")
+    return samples, found, notes
+
+
+def describe_regime(samples: list[Sample], regime: str) -> str:
+    """One line for the user, e.g. ``weakly supervised: 441 good, 10 defective with image labels only``."""
+    good = sum(s.label == 0 for s in samples)
+    defects = [s for s in samples if s.label == 1]
+    with_mask = sum(s.mask_path is not None for s in defects)
+    name = {"unsupervised": "unsupervised", "weakly": "weakly supervised", "mixed": "mixed supervision",
+            "supervised": "supervised"}[regime]
+    if not defects:
+        return f"Training regime: {name} ({good} good images)"
+    return (f"Training regime: {name} ({good} good images, {len(defects)} defective: {with_mask} with masks, "
+            f"{len(defects) - with_mask} with image labels only)")

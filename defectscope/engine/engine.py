@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from defectscope.data import AnomalyDataset, DataError, Sample
+from defectscope.data import AnomalyDataset, DataError, Sample, describe_regime, resolve_regime
 from defectscope.engine.feature_cache import extract_features
 from defectscope.engine.progress import progress_bar
 from defectscope.engine.visualize import save_overlay
@@ -91,6 +91,8 @@ class Engine:
         self._launched = False
         # models/<model_index>: one model per category in a multi-category run.
         self.model_index = 0
+        # The supervision regime of the last fit (see fit()).
+        self.regime: str | None = None
 
     @property
     def model_dir(self) -> Path:
@@ -106,20 +108,34 @@ class Engine:
             print(message, flush=True)
 
     # ---- fit --------------------------------------------------------------------------
-    def fit(self, model, samples: list[Sample]):
-        """Train ``model`` on ``samples`` (good images; labelled defects are for supervised
-        models). Writes the run folder's model files; returns the model in eval mode."""
+    def fit(self, model, samples: list[Sample], regime: str = "auto"):
+        """Train ``model`` on ``samples``: good images, plus labelled defects for the supervised
+        regimes. ``regime`` (``auto``, ``unsupervised``, ``weakly``, ``mixed``, ``supervised``):
+        ``auto`` follows the data (defects with masks: supervised; with image labels only:
+        weakly; both: mixed; none: unsupervised); a request the data cannot meet is adjusted
+        with a notice (see :func:`defectscope.data.resolve_regime`). The regime that ran is
+        printed and stored in ``self.regime``. Writes the run folder's model files; returns the
+        model in eval mode."""
         self._launch()
         fabric = self.fabric
         fabric.seed_everything(self.seed, verbose=False)
+        samples, regime, notices = resolve_regime(list(samples), regime)
+        if regime != "unsupervised" and not hasattr(model, "set_regime"):
+            raise DataError(
+                f"The training set has labelled defective images but {model.name} trains on good images only. "
+                "Fix: train on good images only (regime 'unsupervised'), or use supersimplenet."
+            )
+        if hasattr(model, "set_regime"):
+            model.set_regime(regime)
+        self.regime = regime
+        for notice in notices:
+            self._print(f"notice: {notice}")
+        self._print(describe_regime(samples, regime))
         dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
         dataset.validate()
         labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.float32)
-        if labels.any() and not getattr(model, "supervised", False):
-            raise DataError(
-                f"The training set has {int(labels.sum())} defective images but the model is unsupervised. "
-                "Fix: train on good images only, or use a supervised model."
-            )
+        # Good images have a known (empty) mask; defects only when a mask file exists.
+        mask_known = torch.tensor([s.label == 0 or s.mask_path is not None for s in dataset.samples])
         model.to(fabric.device)
         features = extract_features(
             model,
@@ -131,8 +147,14 @@ class Engine:
             cache_dir=self.run_dir / "cache",
             progress=self.progress and fabric.is_global_zero,
         )
-        # Ground-truth masks (image size; zeros for good images) for supervised training.
-        masks = torch.stack([dataset[i]["mask"] for i in range(len(dataset))]).bool() if labels.any() else None
+        # Ground-truth masks (image size; zeros for good images and weak labels) for supervised training.
+        masks = None
+        if labels.any():
+            masks = torch.zeros(len(dataset), 1, *dataset.image_size, dtype=torch.bool)
+            for i, sample in enumerate(dataset.samples):
+                if sample.label == 1 and sample.mask_path is not None:
+                    masks[i] = dataset[i]["mask"].bool()
+        weak = not bool(mask_known.all())
         optimizer, scheduler = model.configure_optimizers(self.max_epochs)
         state_path = self.model_dir / "last.ckpt"
         start_epoch = 0
@@ -163,7 +185,10 @@ class Engine:
                     feats = features[idx].to(fabric.device, torch.float32, non_blocking=True)
                     batch_masks = None if masks is None else masks[idx].to(fabric.device, torch.float32)
                     batch_labels = labels[idx].to(fabric.device) if labels.any() else None
-                    loss = fmodel.training_step(feats, batch_masks, batch_labels)
+                    if weak:
+                        loss = fmodel.training_step(feats, batch_masks, batch_labels, mask_known[idx])
+                    else:
+                        loss = fmodel.training_step(feats, batch_masks, batch_labels)
                     optimizer.zero_grad(set_to_none=True)
                     fabric.backward(loss)
                     if getattr(model, "grad_clip", None):
@@ -184,7 +209,7 @@ class Engine:
         if writer is not None:
             writer.close()
         if fabric.is_global_zero:
-            model.save(self.model_dir, extra={"epochs": self.max_epochs, "seed": self.seed, "train_size": n})
+            model.save(self.model_dir, extra={"epochs": self.max_epochs, "seed": self.seed, "train_size": n, "regime": regime})
         fabric.barrier()
         model.eval()
         return model

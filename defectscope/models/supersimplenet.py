@@ -217,17 +217,22 @@ class SuperSimpleNet(AnomalyModel):
         features: torch.Tensor,
         masks: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        mask_known: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One training forward on pre-extracted features.
 
         Args:
             features: ``[B,C,h,w]`` from :meth:`extract_features`.
             masks: ground-truth masks ``[B,1,H,W]`` or ``[B,H,W]`` at image size (None: all normal).
             labels: image labels ``[B]`` (None: all normal).
+            mask_known: ``[B]`` bool, False for defective images with an image label only
+                (weak supervision: their map positions are left out of the segmentation loss,
+                except where synthetic anomalies were added). None: every mask is known.
 
         Returns:
             map logits ``[2B,1,h,w]``, score logits ``[2B]``, target masks ``[2B,1,h,w]``,
-            target labels ``[2B]``: the batch and a copy, each with its own Perlin noise.
+            target labels ``[2B]`` and the map positions that count in the segmentation loss
+            ``[2B,1,h,w]`` (bool): the batch and a copy, each with its own Perlin noise.
         """
         feats = self._standardize(features)
         b, _, h, w = feats.shape
@@ -236,24 +241,27 @@ class SuperSimpleNet(AnomalyModel):
         else:
             masks = self.downsample_mask(masks.to(feats.dtype), h, w)
         labels = feats.new_zeros(b) if labels is None else labels.to(feats.dtype).reshape(b)
+        known = torch.ones(b, dtype=torch.bool, device=feats.device) if mask_known is None else mask_known.to(feats.device).bool().reshape(b)
         adapted = self.adaptor(feats)
 
         # Duplicate the batch: each copy gets its own Perlin mask, so every image is seen
         # both clean and (about half the time) with synthetic anomalies.
         adapted, feats = adapted.repeat(2, 1, 1, 1), feats.repeat(2, 1, 1, 1)
-        masks, labels = masks.repeat(2, 1, 1, 1), labels.repeat(2)
+        masks, labels, known = masks.repeat(2, 1, 1, 1), labels.repeat(2), known.repeat(2)
         # Synthetic anomalies never overlap real ones.
         noise_mask = (1 - masks) * perlin_masks(2 * b, h, w, self.perlin_threshold, device=feats.device)
         noise = torch.randn_like(adapted) * self.noise_std * noise_mask
         masks = (masks + noise_mask).clamp_(max=1)
         labels = torch.maximum(labels, noise_mask.flatten(1).amax(dim=1))
+        # Where a weakly labelled defect lies is unknown; only its synthetic anomalies are.
+        seg_valid = known[:, None, None, None] | (noise_mask > 0)
 
         seg_feats = adapted + noise
         # ICPR: both heads on adapted features. JIMS: classification on raw (standardised)
         # features with the same noise.
         cls_feats = seg_feats if self.adapt_cls_features else feats + noise
         map_logits, score_logits = self.segdec(seg_feats, cls_feats)
-        return map_logits, score_logits, masks, labels
+        return map_logits, score_logits, masks, labels, seg_valid
 
     @staticmethod
     def downsample_mask(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -265,15 +273,37 @@ class SuperSimpleNet(AnomalyModel):
         return (masks >= 0.5).to(masks.dtype)
 
     def loss(
-        self, map_logits: torch.Tensor, score_logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
+        self,
+        map_logits: torch.Tensor,
+        score_logits: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        seg_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Focal + truncated L1 on the map, focal on the score (gamma 4, no alpha)."""
-        map_focal = sigmoid_focal_loss(map_logits, masks, alpha=-1, gamma=4.0, reduction="mean")
+        """Focal + truncated L1 on the map (over ``seg_valid`` positions; None: all), focal on
+        the score (gamma 4, no alpha)."""
+        if seg_valid is None or bool(seg_valid.all()):
+            map_focal = sigmoid_focal_loss(map_logits, masks, alpha=-1, gamma=4.0, reduction="mean")
+            map_l1 = truncated_l1(map_logits, masks)
+        else:
+            per_position = sigmoid_focal_loss(map_logits, masks, alpha=-1, gamma=4.0, reduction="none")
+            map_focal = (per_position * seg_valid).sum() / seg_valid.sum().clamp_min(1)
+            map_l1 = truncated_l1(map_logits[seg_valid], masks[seg_valid])
         score_focal = sigmoid_focal_loss(score_logits, labels, alpha=-1, gamma=4.0, reduction="mean")
-        return map_focal + truncated_l1(map_logits, masks) + score_focal
+        return map_focal + map_l1 + score_focal
 
-    def training_step(self, features: torch.Tensor, masks=None, labels=None) -> torch.Tensor:
-        return self.loss(*self.training_forward(features, masks, labels))
+    def training_step(self, features: torch.Tensor, masks=None, labels=None, mask_known=None) -> torch.Tensor:
+        return self.loss(*self.training_forward(features, masks, labels, mask_known))
+
+    def set_regime(self, regime: str) -> None:
+        """Train for a supervision regime (``unsupervised``, ``weakly``, ``mixed``, ``supervised``):
+        any labelled defects turn on the supervised settings (no stop-gradient between the
+        heads, gradient clipping at norm 1), as in the reference."""
+        supervised = regime != "unsupervised"
+        self.supervised = supervised
+        self.stop_grad = self.segdec.stop_grad = not supervised
+        self.grad_clip = 1.0 if supervised else None
+        self.hparams["supervised"] = supervised
 
     def configure_optimizers(self, max_epochs: int):
         """AdamW (adaptor lr 1e-4; heads lr 2e-4, weight decay 1e-5) and MultiStepLR

@@ -24,7 +24,7 @@ def test_package_counts_match_the_spec():
 
 
 @pytest.mark.parametrize(
-    "cell_type, n_train, n_good_test, n_defect", [("mono", 441, 147, 313), ("poly", 690, 230, 402)]
+    "cell_type, n_train, n_good_test, n_defect", [("mono", 441, 147, 263), ("poly", 690, 230, 352)]
 )
 def test_split_counts_and_labels(cell_type, n_train, n_good_test, n_defect):
     labels = _labels()
@@ -63,3 +63,35 @@ def test_bad_arguments():
         elpv_split("amorphous")
     with pytest.raises(DataError, match="test_normal_fraction"):
         elpv_split("mono", test_normal_fraction=1.5)
+
+
+@pytest.mark.parametrize("cell_type", ["mono", "poly"])
+def test_labelled_defects_are_nested_and_the_test_set_never_changes(cell_type):
+    labels = _labels()
+    splits = {n: elpv_split(cell_type, train_defects=n) for n in (0, 5, 10, 25, 50)}
+    test_sets = {n: [s.path for s in split.test] for n, split in splits.items()}
+    assert all(paths == test_sets[0] for paths in test_sets.values())
+    previous: set = set()
+    for n, split in splits.items():
+        defects = [s for s in split.train if s.label == 1]
+        assert len(defects) == n and len(split.train) == {"mono": 441, "poly": 690}[cell_type] + n
+        for sample in defects:
+            assert labels[sample.path.resolve()] == (1.0, cell_type)
+            assert sample.mask_path is None  # ELPV has image labels only: weak supervision
+        paths = {s.path for s in defects}
+        assert previous <= paths  # the 5 are among the 10, ...
+        assert not paths & set(test_sets[0])
+        previous = paths
+    # All probability-1 cells are either tested or in the pool of 50.
+    n_defects = {"mono": 313, "poly": 402}[cell_type]
+    assert sum(s.label for s in splits[0].test) == n_defects - 50
+
+
+def test_more_than_the_pool_shrinks_the_test_set_with_a_note():
+    split = elpv_split("mono", train_defects=60)
+    assert sum(s.label for s in split.train) == 60 and sum(s.label for s in split.test) == 313 - 60
+    assert any("not comparable" in n for n in split.notes)
+    with pytest.raises(DataError, match="at most 312"):
+        elpv_split("mono", train_defects=313)
+    with pytest.raises(DataError, match="train_defects"):
+        elpv_split("mono", train_defects=-1)

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectscope.data import DataError, DataSplit, Sample, check_test_classes, folder_split, summarise
+from defectscope.data import (
+    DataError,
+    DataSplit,
+    Sample,
+    check_test_classes,
+    folder_split,
+    resolve_regime,
+    summarise,
+    training_regime,
+)
 
 
 def _write(folder, names, size=(16, 12)):
@@ -110,3 +119,60 @@ def test_check_test_classes_cases(tmp_path):
     assert "empty" in empty
     (no_masks,) = check_test_classes(DataSplit("s", [good], [good, Sample(tmp_path / "c.png", 1)]))
     assert "pixel AUROC and AUPRO cannot be computed" in no_masks
+
+
+def test_train_abnormal_dir_adds_labelled_defects_with_their_masks(user_folders, tmp_path):
+    normal, abnormal, masks = user_folders
+    train_bad = _write(tmp_path / "train_bad", ["t1.png", "t2.png"])
+    _mask(masks, "t1_mask.png")
+    split = folder_split(normal, abnormal, masks, train_abnormal_dir=train_bad)
+    defects = {s.path.name: s for s in split.train if s.label == 1}
+    assert set(defects) == {"t1.png", "t2.png"}
+    assert defects["t1.png"].mask_path == masks / "t1_mask.png" and defects["t2.png"].mask_path is None
+    assert training_regime(split.train) == "mixed"
+    assert any("2 labelled defective training images" in n and "1 with masks" in n for n in split.notes)
+    assert not {s.path for s in split.train} & {s.path for s in split.test}
+
+
+def test_empty_train_abnormal_dir_means_unsupervised_with_a_note(user_folders, tmp_path):
+    normal, abnormal, masks = user_folders
+    empty = tmp_path / "train_bad"
+    empty.mkdir()
+    split = folder_split(normal, abnormal, masks, train_abnormal_dir=empty)
+    assert training_regime(split.train) == "unsupervised"
+    assert any("has no images" in n and "unsupervised" in n for n in split.notes)
+    with pytest.raises(DataError, match="not found"):
+        folder_split(normal, abnormal, masks, train_abnormal_dir=tmp_path / "missing")
+
+
+def test_train_defect_fraction_moves_a_seeded_share_of_each_type(tmp_path):
+    normal = _write(tmp_path / "good", [f"n{i:02d}.png" for i in range(6)])
+    bad = tmp_path / "bad"
+    _write(bad / "crack", [f"c{i}.png" for i in range(4)])
+    _write(bad / "hole", [f"h{i}.png" for i in range(2)])
+    split = folder_split(normal, bad, train_defect_fraction=0.5, seed=1)
+    moved = [s for s in split.train if s.label == 1]
+    assert sorted(s.defect_type for s in moved) == ["crack", "crack", "hole"]
+    assert not {s.path for s in moved} & {s.path for s in split.test}
+    again = folder_split(normal, bad, train_defect_fraction=0.5, seed=1)
+    assert [s.path for s in again.train] == [s.path for s in split.train]
+    with pytest.raises(DataError, match="train_defect_fraction"):
+        folder_split(normal, bad, train_defect_fraction=1.0)
+
+
+def test_resolve_regime_adjusts_requests_with_notices(user_folders, tmp_path):
+    good = [Sample(tmp_path / f"g{i}.png", 0) for i in range(3)]
+    with_mask = Sample(tmp_path / "d1.png", 1, tmp_path / "d1_mask.png")
+    weak = Sample(tmp_path / "d2.png", 1)
+    assert resolve_regime(good, "auto") == (good, "unsupervised", [])
+    assert resolve_regime(good + [with_mask], "auto")[1] == "supervised"
+    assert resolve_regime(good + [weak], "auto")[1] == "weakly"
+    samples, regime, notes = resolve_regime(good + [with_mask, weak], "unsupervised")
+    assert (samples, regime) == (good, "unsupervised") and "not used" in notes[0]
+    samples, regime, notes = resolve_regime(good + [with_mask], "weakly")
+    assert regime == "weakly" and samples[-1].mask_path is None and "masks of 1" in notes[0]
+    samples, regime, notes = resolve_regime(good + [with_mask, weak], "supervised")
+    assert regime == "mixed" and "1 of 2" in notes[0]
+    assert resolve_regime(good, "supervised")[1] == "unsupervised"
+    with pytest.raises(DataError, match="auto, unsupervised"):
+        resolve_regime(good, "semi")

@@ -158,3 +158,18 @@ def test_only_good_test_images_gives_a_metrics_note(synthetic_copy):
     note = next(n for n in split.notes if "only good" in n)
     assert "image AUROC" in note and "F1" in note and "AUPRO" in note
     assert any("Mask folders" in n for n in split.notes)
+
+
+def test_train_defect_fraction_moves_defects_with_masks(synthetic_set):
+    plain = mvtec_split(synthetic_set.parent, synthetic_set.name)
+    split = mvtec_split(synthetic_set.parent, synthetic_set.name, train_defect_fraction=0.34, seed=0)
+    moved = [s for s in split.train if s.label == 1]
+    assert moved and all(s.mask_path is not None for s in moved)
+    assert {s.path for s in moved} | {s.path for s in split.test} == {s.path for s in plain.test}
+    assert not {s.path for s in moved} & {s.path for s in split.test}
+    # Every defect type keeps test images.
+    types = {s.defect_type for s in plain.test if s.label == 1}
+    assert types == {s.defect_type for s in split.test if s.label == 1}
+    assert any("moved to training" in n for n in split.notes)
+    with pytest.raises(DataError, match="train_defect_fraction"):
+        mvtec_split(synthetic_set.parent, synthetic_set.name, train_defect_fraction=-0.1)

@@ -125,15 +125,6 @@ def test_predict_in_input_order_and_csv(reference_run, splits, tmp_path):
         engine.predict(model, [])
 
 
-def test_unsupervised_training_on_a_defective_image_raises(splits, tmp_path):
-    train = list(splits[CATEGORIES[0]].train)
-    defect = next(s for s in splits[CATEGORIES[0]].test if s.label == 1)
-    engine = make_engine(tmp_path, "bad")
-    with pytest.raises(DataError, match="unsupervised"):
-        engine.fit(build_model(), train + [defect])
-    assert not (engine.run_dir / "models").exists()
-
-
 def test_supervised_training_sees_the_ground_truth_masks(splits, tmp_path):
     train = list(splits[CATEGORIES[0]].train)
     defects = [s for s in splits[CATEGORIES[0]].test if s.label == 1 and s.mask_path is not None][:2]
@@ -142,8 +133,8 @@ def test_supervised_training_sees_the_ground_truth_masks(splits, tmp_path):
     calls = []
     original = model.training_forward
 
-    def spy(features, masks=None, labels=None):
-        outputs = original(features, masks, labels)
+    def spy(features, masks=None, labels=None, mask_known=None):
+        outputs = original(features, masks, labels, mask_known)
         calls.append((masks, labels, outputs[2].detach()))
         return outputs
 

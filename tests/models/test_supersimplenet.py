@@ -112,7 +112,7 @@ def test_create_model_by_name(random_ssn):
 def test_training_forward_shapes_duplicate_the_batch(random_ssn):
     model = random_ssn().train()
     features = _features(batch=3, size=8)
-    map_logits, score_logits, masks, labels = model.training_forward(features)
+    map_logits, score_logits, masks, labels, _ = model.training_forward(features)
     assert map_logits.shape == (6, 1, 8, 8)
     assert score_logits.shape == (6,)
     assert masks.shape == (6, 1, 8, 8)
@@ -123,7 +123,7 @@ def test_training_forward_shapes_duplicate_the_batch(random_ssn):
 def test_labels_are_one_exactly_where_the_noise_mask_is_non_empty(random_ssn):
     model = random_ssn().train()
     torch.manual_seed(3)
-    _, _, masks, labels = model.training_forward(_features(batch=8, size=8))
+    _, _, masks, labels, _ = model.training_forward(_features(batch=8, size=8))
     non_empty = (masks.flatten(1).sum(dim=1) > 0).float()
     assert torch.equal(labels, non_empty)
     assert 0 < labels.sum() < len(labels)  # both kinds present in 16 copies
@@ -134,7 +134,7 @@ def test_noise_is_added_only_inside_the_masks(random_ssn):
     features = _features(batch=6, size=8)
     heads = _HeadInputs(model)
     torch.manual_seed(4)
-    _, _, masks, _ = model.training_forward(features)
+    _, _, masks, _, _ = model.training_forward(features)
     heads.close()
     seg_features, _ = heads.calls[0]
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_real_masks_are_kept_and_never_get_synthetic_noise(random_ssn):
     labels = torch.tensor([0.0, 1.0, 0.0, 0.0])
     heads = _HeadInputs(model)
     torch.manual_seed(5)
-    _, _, target_masks, target_labels = model.training_forward(features, image_masks, labels)
+    _, _, target_masks, target_labels, _ = model.training_forward(features, image_masks, labels)
     heads.close()
     real = model.downsample_mask(image_masks, 8, 8).repeat(2, 1, 1, 1)
     assert real.sum() > 0
@@ -213,7 +213,7 @@ def test_classification_features_icpr_vs_jims(random_ssn, adapt_cls_features):
 @pytest.mark.parametrize("supervised", [False, True])
 def test_stop_grad_between_heads(random_ssn, supervised):
     model = random_ssn(supervised=supervised).train()
-    _, score_logits, _, labels = model.training_forward(_features(batch=4, size=8))
+    _, score_logits, _, labels, _ = model.training_forward(_features(batch=4, size=8))
     # Only the score loss: does its gradient reach the segmentation head?
     F.binary_cross_entropy_with_logits(score_logits, labels).backward()
     seg_grads = [p.grad for p in model.segdec.seg_head.parameters()]
@@ -328,3 +328,46 @@ def test_extract_features_shape(make_ssn):
         features = model.extract_features(torch.randn(2, 3, 64, 64))
     # blocks.2 has stride 8: 8x8 at 64 px, upscaled x2.
     assert features.shape == (2, CHANNELS, 16, 16)
+
+
+def test_loss_ignores_map_positions_outside_seg_valid(random_ssn):
+    model = random_ssn()
+    generator = torch.Generator().manual_seed(1)
+    map_logits = torch.randn(4, 1, 5, 5, generator=generator) * 2
+    masks = (torch.rand(4, 1, 5, 5, generator=generator) > 0.7).float()
+    score_logits = torch.randn(4, generator=generator)
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    valid = torch.ones_like(masks, dtype=torch.bool)
+    valid[1] = False  # a weakly labelled image: its map is unknown
+    loss = model.loss(map_logits, score_logits, masks, labels, valid)
+    expected = (_focal(map_logits[valid], masks[valid]) + truncated_l1(map_logits[valid].double(), masks[valid])
+                + _focal(score_logits, labels))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    changed = map_logits.clone()
+    changed[1] = 50.0
+    assert model.loss(changed, score_logits, masks, labels, valid).item() == pytest.approx(loss.item(), rel=1e-6)
+    # All valid: the same as no mask.
+    assert model.loss(map_logits, score_logits, masks, labels, torch.ones_like(valid)).item() == pytest.approx(
+        model.loss(map_logits, score_logits, masks, labels).item(), rel=1e-6)
+
+
+def test_weak_images_count_in_the_map_loss_only_where_noise_was_added(random_ssn):
+    model = random_ssn(supervised=True).train()
+    torch.manual_seed(3)
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    known = torch.tensor([False, True, True, True])
+    _, _, masks, out_labels, valid = model.training_forward(_features(batch=4, size=8), None, labels, known)
+    for copy in (0, 4):
+        assert torch.equal(valid[copy], masks[copy].bool())  # only the synthetic anomalies
+        assert out_labels[copy] == 1
+    assert valid[[1, 2, 3, 5, 6, 7]].all()
+
+
+def test_set_regime_switches_the_supervised_settings(random_ssn):
+    model = random_ssn()
+    assert model.segdec.stop_grad and model.grad_clip is None
+    model.set_regime("weakly")
+    assert model.supervised and not model.segdec.stop_grad and model.grad_clip == 1.0
+    assert model.hparams["supervised"] is True
+    model.set_regime("unsupervised")
+    assert not model.supervised and model.segdec.stop_grad and model.grad_clip is None
