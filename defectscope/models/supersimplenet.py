@@ -185,6 +185,9 @@ class SuperSimpleNet(AnomalyModel):
         _init_weights(self.adaptor)
         self.segdec = SegmentationDetectionHead(channels, stop_grad=self.stop_grad)
         self.smoothing = GaussianBlur2d(sigma=sigma)
+        # Channels-last (NHWC) convolutions: 1.1-1.7x faster heads in training and ~1.5x faster
+        # inference on CPU, same results within float tolerance (benchmarks/results/ssn_profile.md).
+        self.to(memory_format=torch.channels_last)
 
     # ---- features ---------------------------------------------------------------------
     @torch.no_grad()
@@ -193,7 +196,7 @@ class SuperSimpleNet(AnomalyModel):
 
         Deterministic for a given image, so the engine may cache its output.
         """
-        maps = list(self.feature_extractor(images).values())
+        maps = list(self.feature_extractor(images.contiguous(memory_format=torch.channels_last)).values())
         h, w = maps[0].shape[-2:]
         size = (h * self.upscale_factor, w * self.upscale_factor)
         return upscale_and_concat(maps, size=size, patch_size=self.patch_size)
@@ -208,7 +211,7 @@ class SuperSimpleNet(AnomalyModel):
             self.standardizer.fit(features)
 
     def _standardize(self, features: torch.Tensor) -> torch.Tensor:
-        features = features.to(self.adaptor.weight.dtype)
+        features = features.to(self.adaptor.weight.dtype).contiguous(memory_format=torch.channels_last)
         return self.standardizer(features) if self.standardizer is not None else features
 
     # ---- training ---------------------------------------------------------------------
