@@ -176,7 +176,8 @@ class Engine:
             for epoch in range(start_epoch, self.max_epochs):
                 # Order depends only on (seed, epoch), so a resumed run sees the same batches.
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-                order = order[rank::world]
+                # Every process takes the same number of steps (DDP syncs gradients each step).
+                order = order[: len(order) // world * world][rank::world]
                 total, batches = 0.0, 0
                 for start in range(0, len(order), self.batch_size):
                     idx = order[start : start + self.batch_size]
@@ -208,6 +209,11 @@ class Engine:
                     self.on_epoch_end(epoch, mean_loss)
         if writer is not None:
             writer.close()
+        if world > 1:
+            # DDP keeps weights in sync but each process updates its own batch-norm statistics
+            # in the last step: take rank 0's everywhere, so every process scores the same model.
+            state = fabric.broadcast({k: v.cpu() for k, v in model.trained_state_dict().items()}, src=0)
+            model.load_state_dict(state, strict=False)
         if fabric.is_global_zero:
             model.save(self.model_dir, extra={"epochs": self.max_epochs, "seed": self.seed, "train_size": n, "regime": regime})
         fabric.barrier()
@@ -313,21 +319,55 @@ class Engine:
         return metrics
 
     def _score(self, model, dataset, pixel: PixelMetrics | None = None) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-        """Scores ``[N]``, labels ``[N]`` and float16 maps ``[N,H,W]``; streams pixel metrics
-        over the images whose masks are pixel-level truth."""
+        """Scores ``[N]``, labels ``[N]`` and float16 maps ``[N,H,W]`` in dataset order; streams
+        pixel metrics over the images whose masks are pixel-level truth.
+
+        Under DDP each process scores its share of the images (Lightning's distributed
+        sampler); the results are gathered to every process and put back in dataset order.
+        """
+        fabric = self.fabric
+        distributed = fabric.world_size > 1
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
-        scores, labels, maps = [], [], []
-        with progress_bar("Testing", total=len(dataset), enabled=self.progress and self.fabric.is_global_zero) as advance:
+        if distributed:
+            loader = fabric.setup_dataloaders(loader, move_to_device=False)
+        parts: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("score", "label", "map", "index", "mask", "has_mask", "map32")
+        }
+        total = len(loader.sampler) if distributed else len(dataset)
+        with progress_bar("Scoring", total=total, enabled=self.progress and fabric.is_global_zero) as advance:
             for batch in loader:
-                batch_maps, batch_scores = model(batch["image"].to(self.fabric.device))
-                scores.append(batch_scores.float().cpu())
-                maps.append(batch_maps[:, 0].to("cpu", torch.float16))
+                batch_maps, batch_scores = model(batch["image"].to(fabric.device))
+                batch_maps = batch_maps[:, 0].float().cpu()
+                parts["score"].append(batch_scores.float().cpu())
+                parts["map"].append(batch_maps.half())
+                parts["label"].append(batch["label"])
+                parts["index"].append(batch["index"])
                 keep = batch["has_mask"].bool()
-                if pixel is not None and keep.any():
-                    pixel.update(batch_maps[:, 0].float().cpu()[keep], batch["mask"][keep, 0].bool())
-                labels.append(batch["label"])
+                if pixel is not None and distributed:
+                    # uint8, not bool: collectives (gloo) do not all handle bool tensors.
+                    parts["mask"].append(batch["mask"][:, 0].to(torch.uint8))
+                    parts["has_mask"].append(keep.to(torch.uint8))
+                    parts["map32"].append(batch_maps)  # pixel metrics at full precision
+                elif pixel is not None and keep.any():
+                    pixel.update(batch_maps[keep], batch["mask"][keep, 0].bool())
                 advance(len(batch["label"]))
-        return torch.cat(scores).numpy(), torch.cat(labels).numpy(), torch.cat(maps)
+        local = {k: torch.cat(v) for k, v in parts.items() if v}
+        if not distributed:
+            return local["score"].numpy(), local["label"].numpy(), local["map"]
+        # Every process holds the same number of images (the sampler pads by repeating some).
+        gathered = fabric.all_gather({k: v.to(fabric.device) for k, v in local.items()})
+        merged = {k: v.cpu().flatten(0, 1) for k, v in gathered.items()}
+        order = torch.argsort(merged["index"], stable=True)
+        first = torch.ones(len(order), dtype=torch.bool)
+        first[1:] = merged["index"][order][1:] != merged["index"][order][:-1]
+        pick = order[first]  # one row per image, in dataset order
+        if pixel is not None:
+            for start in range(0, len(pick), self.batch_size):
+                rows = pick[start : start + self.batch_size]
+                keep = merged["has_mask"][rows].bool()
+                if keep.any():
+                    pixel.update(merged["map32"][rows][keep], merged["mask"][rows][keep].bool())
+        return merged["score"][pick].numpy(), merged["label"][pick].numpy(), merged["map"][pick]
 
     def _write_results(self, metrics: dict) -> None:
         path = self.run_dir / "results.csv"
