@@ -2,8 +2,9 @@
 
 The backbone never trains and pre-processing is deterministic (no augmentation), so an
 image's features are the same in every epoch: computing them once turns an epoch into
-the heads' arithmetic alone. Features are stored as float16, in memory when they fit
-under ``max_memory_gb``, otherwise in a memory-mapped file. The cache key covers the
+the heads' arithmetic alone. Features are stored as float32 (exactly what the backbone gave,
+so training from the cache gives the same model as computing features every step), in memory
+when they fit under ``max_memory_gb``, otherwise in a memory-mapped file. The cache key covers the
 backbone fingerprint (name, layers, weights), the feature settings and every image file's
 path, size and modification time, so a stale entry can never be reused.
 """
@@ -54,7 +55,7 @@ def extract_features(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Features ``[N, C, h, w]`` (float16, CPU) of every image in ``dataset``, in order.
+    """Features ``[N, C, h, w]`` (float32, CPU) of every image in ``dataset``, in order.
 
     Reuses ``<cache_dir>/features-<key>.npy`` when present; writes it (memory-mapped) when
     the features exceed ``max_memory_gb``, which then needs a ``cache_dir``.
@@ -70,10 +71,10 @@ def extract_features(
     start = 0
     with progress_bar("Extracting backbone features", total=len(dataset), enabled=progress) as advance:
         for batch in loader:
-            feats = model.extract_features(batch["image"].to(device)).to("cpu", torch.float16)
+            feats = model.extract_features(batch["image"].to(device)).to("cpu", torch.float32).contiguous()
             if features is None:
                 shape = (len(dataset), *feats.shape[1:])
-                nbytes = int(np.prod(shape)) * 2
+                nbytes = int(np.prod(shape)) * 4
                 if nbytes > max_memory_gb * 2**30:
                     if cache_file is None:
                         raise MemoryError(
@@ -82,9 +83,9 @@ def extract_features(
                         )
                     cache_file.parent.mkdir(parents=True, exist_ok=True)
                     tmp = cache_file.with_suffix(".partial.npy")
-                    features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+                    features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
                 else:
-                    features = np.empty(shape, dtype=np.float16)
+                    features = np.empty(shape, dtype=np.float32)
             features[start : start + len(feats)] = feats.numpy()
             start += len(feats)
             advance(len(feats))

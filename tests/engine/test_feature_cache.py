@@ -69,7 +69,7 @@ def test_cache_key_changes_with_backbone_layers_size_and_feature_settings(lite, 
 def test_memory_mapped_features_equal_in_memory_ones(lite, splits, fabric, tmp_path, monkeypatch):
     dataset = _dataset(lite, splits[CATEGORIES[0]].train)
     in_memory = extract_features(lite, dataset, fabric, batch_size=3, progress=False)
-    assert in_memory.dtype == torch.float16 and in_memory.shape[0] == len(dataset)
+    assert in_memory.dtype == torch.float32 and in_memory.shape[0] == len(dataset)
 
     cached = extract_features(lite, dataset, fabric, batch_size=3, max_memory_gb=0, cache_dir=tmp_path, progress=False)
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -104,7 +104,7 @@ def test_training_from_memory_mapped_features_gives_the_same_model(reference_run
 
 
 def test_features_over_the_memory_bound_are_memory_mapped_under_the_run_folder(reference_run, splits, tmp_path):
-    # 8 images x 152 x 8 x 8 float16 = 155 kB: over a 0.0001 GB (107 kB) bound, so memory-mapped.
+    # 8 images x 152 x 8 x 8 float32 = 311 kB: over a 0.0001 GB (107 kB) bound, so memory-mapped.
     engine = make_engine(tmp_path, "over", cache_memory_gb=0.0001)
     model = engine.fit(build_model(), splits[CATEGORIES[0]].train)
     assert len(list((engine.run_dir / "cache").glob("features-*.npy"))) == 1
