@@ -54,6 +54,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (Lightning Fabric)")
     g.add_argument("--devices", default="1", help="number of devices or 'auto' (DDP when > 1)")
     g.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    g.add_argument("--num-nodes", type=int, default=1, help="machines (Lightning; with --strategy ddp)")
     g.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 16-mixed, bf16-mixed")
     g.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -146,7 +147,7 @@ def _engine(args, run_name=None, results_path=None, project=None, group=None, ep
         results_path=results_path or args.results_path, project=project or args.project,
         group=group or args.group or args.data, run_name=run_name or args.run_name, max_epochs=epochs,
         batch_size=args.batch_size, seed=args.seed, accelerator=args.accelerator, devices=devices,
-        strategy=args.strategy, precision=args.precision, num_workers=args.num_workers,
+        strategy=args.strategy, precision=args.precision, num_nodes=args.num_nodes, num_workers=args.num_workers,
         progress=not args.no_progress, resume=not getattr(args, "no_resume", False),
     )
 

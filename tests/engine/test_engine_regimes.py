@@ -48,9 +48,8 @@ def test_auto_regime_follows_the_data_and_is_reported(splits, tmp_path, capsys, 
     assert f"Training regime: {words}" in capsys.readouterr().out
     supervised = regime != "unsupervised"
     assert model.supervised is supervised and model.hparams["supervised"] is supervised
-    # The reference's supervised settings: no stop-gradient, gradient clipping.
+    # The reference's supervised setting: no stop-gradient between the heads.
     assert model.segdec.stop_grad is (not supervised)
-    assert (model.grad_clip == 1.0) if supervised else model.grad_clip is None
     with open(engine.run_dir / "models" / "0" / "params.pkl", "rb") as fh:
         params = pickle.load(fh)
     assert regime in repr(params)
@@ -123,3 +122,15 @@ def test_killed_supervised_run_resumes_to_the_same_model(splits, tmp_path):
     resumed = make_engine(tmp_path, "killed").fit(build_model(seed=7), train)
     for key, value in trained_state(full).items():
         assert torch.equal(value, trained_state(resumed)[key]), key
+
+
+def test_gradient_clipping_applies_only_when_set_and_supervised(splits, tmp_path, monkeypatch):
+    train = list(splits[CATEGORIES[0]].train) + _defects(splits, 1, 0)
+    for clip, data, expected in ((1.0, train, True), (None, train, False), (1.0, splits[CATEGORIES[0]].train, False)):
+        engine = make_engine(tmp_path, f"clip-{clip}-{len(data)}", max_epochs=1)
+        calls = []
+        original = engine.fabric.clip_gradients
+        monkeypatch.setattr(engine.fabric, "clip_gradients",
+                            lambda *a, **k: calls.append(k["max_norm"]) or original(*a, **k))
+        engine.fit(build_model(supervised_grad_clip=clip), data)
+        assert (calls and set(calls) == {1.0}) if expected else not calls

@@ -96,7 +96,9 @@ def test_constructor_validates_arguments(random_ssn):
 def test_supervised_switches_stop_grad_and_clipping(random_ssn):
     unsupervised, supervised = random_ssn(), random_ssn(supervised=True)
     assert unsupervised.segdec.stop_grad and unsupervised.grad_clip is None
-    assert not supervised.segdec.stop_grad and supervised.grad_clip == 1.0
+    assert not supervised.segdec.stop_grad and supervised.grad_clip is None
+    reference = random_ssn(supervised=True, supervised_grad_clip=1.0)
+    assert reference.grad_clip == 1.0 and random_ssn(supervised_grad_clip=1.0).grad_clip is None
 
 
 def test_create_model_by_name(random_ssn):
@@ -364,7 +366,7 @@ def test_weak_images_count_in_the_map_loss_only_where_noise_was_added(random_ssn
 
 
 def test_set_regime_switches_the_supervised_settings(random_ssn):
-    model = random_ssn()
+    model = random_ssn(supervised_grad_clip=1.0)
     assert model.segdec.stop_grad and model.grad_clip is None
     model.set_regime("weakly")
     assert model.supervised and not model.segdec.stop_grad and model.grad_clip == 1.0
