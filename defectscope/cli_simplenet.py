@@ -143,10 +143,14 @@ def unknown_option_error(token: str, section: str, candidates: list[str], others
         if f"--{key}" in names:
             return UsageError(f"{option} is a '{other}' option, not a '{section}' one: put it after '{other}'. "
                               f"Usage: {USAGE}")
-    normalised = {c.lstrip("-").replace("-", "_"): c for c in candidates}
+    normalised: dict[str, str] = {}
+    for c in candidates:  # the reference's underscore spelling first
+        normalised.setdefault(c.lstrip("-").replace("-", "_"), c)
     close = difflib.get_close_matches(key, list(normalised), n=1, cutoff=0.6)
     hint = f" Did you mean {normalised[close[0]]}?" if close else ""
-    return UsageError(f"unknown {section} option {option}.{hint} See `defectscope simplenet {'' if section == 'main' else '... ' + section + ' '}--help`.")
+    where = {"main": "defectscope simplenet --help", "train": "defectscope train --help"}.get(
+        section, f"defectscope simplenet ... {section} --help")
+    return UsageError(f"unknown {section} option {option}.{hint} See `{where}`.")
 
 
 def split_sections(argv: list[str]) -> dict[str, list[str]]:
@@ -185,7 +189,9 @@ def parse(argv: list[str]) -> dict[str, argparse.Namespace]:
         if unknown:
             bad = next((t for t in unknown if t.startswith("-")), None)
             if bad is None:
-                raise UsageError(f"unexpected {' '.join(unknown)!r} in the '{name}' part. Usage: {USAGE}")
+                close = difflib.get_close_matches(unknown[0], ["net", "dataset"], n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise UsageError(f"unexpected {' '.join(unknown)!r} in the '{name}' part.{hint} Usage: {USAGE}")
             others = {o: n for o, n in names.items() if o != name}
             raise unknown_option_error(bad, name, names[name], others)
         parsed[name] = args
