@@ -143,8 +143,10 @@ def unknown_option_error(token: str, section: str, candidates: list[str], others
         if f"--{key}" in names:
             return UsageError(f"{option} is a '{other}' option, not a '{section}' one: put it after '{other}'. "
                               f"Usage: {USAGE}")
+    # Suggest in the user's own spelling (--log_group or --log-group) when both exist.
+    style = sorted(candidates, key=lambda c: ("_" in c) != ("_" in option))
     normalised: dict[str, str] = {}
-    for c in candidates:  # the reference's underscore spelling first
+    for c in style:
         normalised.setdefault(c.lstrip("-").replace("-", "_"), c)
     close = difflib.get_close_matches(key, list(normalised), n=1, cutoff=0.6)
     hint = f" Did you mean {normalised[close[0]]}?" if close else ""
