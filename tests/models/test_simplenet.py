@@ -342,3 +342,28 @@ def test_predict_and_load_from_path_as_in_the_seed(tmp_path, split):
     np.testing.assert_allclose(rebuilt.predict(image)[1], mask, atol=1e-6)
     assert float(rebuilt.threshold) == pytest.approx(float(net.threshold))
     assert rebuilt.hparams == net.hparams
+
+
+# ---- backbones: packaged offline, wide_resnet50_2 from a weights file ----------------------------------------
+def test_wide_resnet50_2_from_a_weights_file(tmp_path):
+    import torchvision
+
+    path = tmp_path / "wide_resnet50_2-95faca4d.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.wide_resnet50_2(weights=None).state_dict(), path)
+    model = SimpleNet(backbone="wide_resnet50_2", weights=str(path), resize=64, imagesize=64,
+                      pretrain_embed_dimension=32, target_embed_dimension=32)
+    assert model.feature_extractor.layers == ["layer2", "layer3"]  # the reference's layers
+    x = images()
+    features = model.extract_features(x)
+    assert features.shape == (2, 32, 8, 8)
+    model.fit_feature_statistics(features)
+    assert torch.isfinite(model.training_step(features))
+    assert model.hparams["weights"] == str(path)
+
+
+def test_missing_wide_resnet_weights_say_which_file(empty_weight_caches):
+    from defectscope.backbones import WeightsNotFoundError
+
+    with pytest.raises(WeightsNotFoundError, match="wide_resnet50_2-95faca4d.pth"):
+        SimpleNet(backbone="wide_resnet50_2")
