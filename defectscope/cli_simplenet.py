@@ -179,8 +179,11 @@ def split_sections(argv: list[str]) -> dict[str, list[str]]:
 
 def parse(argv: list[str]) -> dict[str, argparse.Namespace]:
     """Parse the three parts; unknown options raise :class:`UsageError` naming the closest one."""
-    if not argv or argv[0] in ("-h", "--help"):
-        main_parser().print_help()
+    if not argv or "-h" in argv or "--help" in argv:
+        # The help of the part the flag stands in: main, net or dataset.
+        first_help = next((i for i, t in enumerate(argv) if t in ("-h", "--help")), 0)
+        part = ([t for t in argv[:first_help] if t in ("net", "dataset")] or ["main"])[-1]
+        SECTIONS[part]().print_help()
         raise SystemExit(0)
     sections = split_sections(argv)
     parsers = {name: SECTIONS[name]() for name in sections}

@@ -88,6 +88,13 @@ def test_every_seed_option_is_accepted_with_the_reference_default():
         hflip=0, vflip=0, augment=False)
 
 
+@pytest.mark.parametrize("argv, shows", [(["--help"], "--log_project"), (["net", "--help"], "--dsc_margin"),
+                                         (["net", "dataset", "-h"], "--rotate_degrees")])
+def test_help_of_each_part(argv, shows, capsys):
+    assert run_cli(["simplenet", *argv]) == 0
+    assert shows in capsys.readouterr().out
+
+
 def test_run_sh_command_line_maps_onto_the_model(monkeypatch):
     """The reference's run.sh options reach SimpleNet's constructor unchanged."""
     parsed = cli_simplenet.parse(
