@@ -71,7 +71,8 @@ def _add_model_options(p) -> None:
     _add(p, "gan_epochs", type=int, default=1, help="discriminator epochs per meta-epoch")
     _add(p, "dsc_layers", type=int, default=2, help="discriminator layers")
     _add(p, "dsc_hidden", type=int, default=None, help="discriminator width (None: shrinking by 1.5)")
-    _add(p, "noise_std", type=float, default=0.05, help="feature noise std, in units of each channel's std")
+    _add(p, "noise_std", type=float, default=0.05, help="feature noise std, in units of each channel's std (the reference's 0.05; 1.0 works better "
+         "with the packaged backbones, see benchmarks/results/simplenet.md)")
     _add(p, "dsc_margin", type=float, default=0.8, help="truncated-L1 margin")
     _add(p, "dsc_lr", type=float, default=0.0002, help="discriminator learning rate")
     _add(p, "auto_noise", type=float, default=0, help="> 0: noise std = this x the batch's feature std")
