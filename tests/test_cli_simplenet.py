@@ -230,3 +230,17 @@ def test_train_model_simplenet_end_to_end(tmp_path):
     assert code == 0
     rows = read_csv(tmp_path / "results" / "defectscope" / "synthetic" / "t" / "results.csv")
     assert rows[0]["category"] == "fabric" and 0 <= float(rows[0]["image_auroc"]) <= 1
+
+
+def test_main_and_data_options_reach_the_run(monkeypatch, data_root):
+    calls = []
+    monkeypatch.setattr(cli_simplenet, "run", lambda kwargs, splits, engine, **kw: calls.append((engine, kw)) or [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_cli(["simplenet", "--results_path", "out", "--log_project", "P", "--log_group", "G", "--run_name", "R",
+                    "--seed", 7, "--test", "--save_segmentation_images", "net", "dataset", "--batch_size", 5,
+                    "--num_workers", 1, "mvtec", data_root, "fabric"]) == 0
+    engine, kw = calls[0]
+    assert {k: engine[k] for k in ("results_path", "project", "group", "run_name", "batch_size", "num_workers",
+                                   "accelerator")} == dict(results_path="out", project="P", group="G", run_name="R",
+                                                           batch_size=5, num_workers=1, accelerator="cpu")
+    assert kw == dict(seed=7, test_only=True, save_images=True)
