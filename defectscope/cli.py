@@ -67,12 +67,16 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="defectscope", description=__doc__, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{train,test,predict}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,test,predict,simplenet}")
+    # Parsed by defectscope.cli_simplenet (main dispatches to it); listed here for --help.
+    sub.add_parser("simplenet", add_help=False, help="SimpleNet, reference command form: simplenet [main options] "
+                   "net [model options] dataset [data options] mvtec <data_path> <subdataset>...")
 
     train = sub.add_parser("train", help="train (and test) a model; no arguments: the ELPV demo", formatter_class=fmt)
     _add_data_options(train)
     m = train.add_argument_group("model")
-    m.add_argument("--model", default="supersimplenet", help="model name")
+    m.add_argument("--model", default="supersimplenet",
+                   help="supersimplenet or simplenet (which also takes `defectscope simplenet` net/dataset options)")
     m.add_argument("--backbone", default="efficientnet_lite0",
                    help="efficientnet_lite0/1/2 (packaged), resnet18, wide_resnet50_2 (need --weights or a local cache)")
     m.add_argument("--layers", nargs="+", default=None, help="backbone layers; None: the backbone's own")
@@ -179,6 +183,11 @@ def _merge_notes(split_notes: list[str], metric_notes: list[str]) -> list[str]:
 def cmd_train(args) -> int:
     import torch
 
+    if args.model.lower() == "simplenet":
+        from defectscope.cli_simplenet import train_from_args
+
+        return train_from_args(args)
+
     from defectscope.data import summarise
     from defectscope.models import create_model
 
@@ -254,7 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]  # no command: train (no arguments at all: the ELPV demo)
-    args = parser.parse_args(argv)
+    if argv[0] == "simplenet":
+        from defectscope.cli_simplenet import main as simplenet_main
+
+        return simplenet_main(argv[1:])
+    args, extra = parser.parse_known_args(argv)
+    # Only SimpleNet's train takes options beyond these (its model / augmentation options).
+    if extra and not (args.command == "train" and args.model.lower() == "simplenet"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if args.command is None:
         parser.print_help()
         return 2

@@ -166,6 +166,11 @@ class Engine:
         model.train()
         fmodel, optimizer = fabric.setup(model, optimizer)
         fmodel.mark_forward_method("training_step")
+        on_images = _trains_on_images(model)
+        if on_images:
+            fmodel.mark_forward_method("training_step_images")
+            self._print(f"{model.name}: {on_images}, so backbone features are computed from the images "
+                        "every step (the feature cache only fitted the statistics)")
         writer = self._tensorboard()
         n = len(features)
         rank, world = fabric.global_rank, fabric.world_size
@@ -183,13 +188,17 @@ class Engine:
                     idx = order[start : start + self.batch_size]
                     if len(idx) < 2:  # batch norm cannot train on one sample
                         continue
-                    feats = features[idx].to(fabric.device, torch.float32, non_blocking=True)
-                    batch_masks = None if masks is None else masks[idx].to(fabric.device, torch.float32)
-                    batch_labels = labels[idx].to(fabric.device) if labels.any() else None
-                    if weak:
-                        loss = fmodel.training_step(feats, batch_masks, batch_labels, mask_known[idx])
+                    if on_images:
+                        images = torch.stack([dataset[int(i)]["image"] for i in idx]).to(fabric.device)
+                        loss = fmodel.training_step_images(images)
                     else:
-                        loss = fmodel.training_step(feats, batch_masks, batch_labels)
+                        feats = features[idx].to(fabric.device, torch.float32, non_blocking=True)
+                        batch_masks = None if masks is None else masks[idx].to(fabric.device, torch.float32)
+                        batch_labels = labels[idx].to(fabric.device) if labels.any() else None
+                        if weak:
+                            loss = fmodel.training_step(feats, batch_masks, batch_labels, mask_known[idx])
+                        else:
+                            loss = fmodel.training_step(feats, batch_masks, batch_labels)
                     optimizer.zero_grad(set_to_none=True)
                     fabric.backward(loss)
                     if getattr(model, "grad_clip", None):
@@ -424,6 +433,17 @@ class Engine:
                 save_overlay(out / "images" / f"{i:05d}_{s.path.stem}.png", s.path, maps[i].float().numpy(),
                              float(scores[i]), threshold, lo, hi)
         return results
+
+
+def _trains_on_images(model) -> str:
+    """Why ``model`` needs fresh features every step (augmented images, a backbone that
+    trains), or "" when the cached frozen features serve every epoch."""
+    reasons = []
+    if getattr(model, "train_transform", None) is not None:
+        reasons.append("its training images are augmented")
+    if getattr(model, "train_backbone", False):
+        reasons.append("its backbone trains")
+    return " and ".join(reasons)
 
 
 def _overlay_range(model, maps: torch.Tensor) -> tuple[float, float]:

@@ -1,10 +1,12 @@
 """Models: one self-contained file per architecture and a small registry by name."""
 
 from defectscope.models.base import AnomalyModel, find_model_dir
+from defectscope.models.simplenet import SimpleNet
 from defectscope.models.supersimplenet import SuperSimpleNet
 
 MODELS: dict[str, type[AnomalyModel]] = {
     "supersimplenet": SuperSimpleNet,
+    "simplenet": SimpleNet,
 }
 
 
@@ -25,4 +27,4 @@ def load_model(path, weights=None) -> AnomalyModel:
     return AnomalyModel.load_from_path(path, weights=weights)
 
 
-__all__ = ["AnomalyModel", "MODELS", "SuperSimpleNet", "create_model", "find_model_dir", "load_model"]
+__all__ = ["AnomalyModel", "MODELS", "SimpleNet", "SuperSimpleNet", "create_model", "find_model_dir", "load_model"]
