@@ -48,6 +48,8 @@ class Engine:
         progress: show progress bars.
         cache_memory_gb: frozen features are kept in memory up to this size, else memory-mapped
             under the run folder.
+        cache_features: False recomputes the frozen backbone's features from the images every
+            step instead of reading the cache (slower, same model: it is how the cache is checked).
         resume: continue from ``models/0/last.ckpt`` when the run folder has one.
         on_epoch_end: optional ``callback(epoch, loss)`` after each epoch's checkpoint.
     """
@@ -69,6 +71,7 @@ class Engine:
         num_workers: int = 0,
         progress: bool = True,
         cache_memory_gb: float = 4.0,
+        cache_features: bool = True,
         resume: bool = True,
         on_epoch_end: Callable[[int, float], None] | None = None,
     ) -> None:
@@ -83,6 +86,7 @@ class Engine:
         self.num_workers = num_workers
         self.progress = progress
         self.cache_memory_gb = cache_memory_gb
+        self.cache_features = cache_features
         self.resume = resume
         self.on_epoch_end = on_epoch_end
         self.fabric = L.Fabric(
@@ -192,7 +196,11 @@ class Engine:
                         images = torch.stack([dataset[int(i)]["image"] for i in idx]).to(fabric.device)
                         loss = fmodel.training_step_images(images)
                     else:
-                        feats = features[idx].to(fabric.device, torch.float32, non_blocking=True)
+                        if self.cache_features:
+                            feats = features[idx].to(fabric.device, torch.float32, non_blocking=True)
+                        else:
+                            images = torch.stack([dataset[int(i)]["image"] for i in idx]).to(fabric.device)
+                            feats = model.extract_features(images)
                         batch_masks = None if masks is None else masks[idx].to(fabric.device, torch.float32)
                         batch_labels = labels[idx].to(fabric.device) if labels.any() else None
                         if weak:
