@@ -258,6 +258,31 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _closest_options(command: str | None, extra: list[str]) -> str:
+    """' (did you mean --epochs?)' for misspelt options of ``command``, else ''."""
+    import difflib
+
+    sub = _subparser(command)
+    if sub is None:
+        return ""
+    valid = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
+    hints = []
+    for item in extra:
+        if item.startswith("--"):
+            match = difflib.get_close_matches(item.split("=")[0], valid, n=1, cutoff=0.6)
+            if match:
+                hints.append(f"{item.split('=')[0]} -> {match[0]}")
+    return f" (did you mean: {', '.join(hints)}? See `defectscope {command} --help`)" if hints else ""
+
+
+def _subparser(command: str | None):
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -270,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Only SimpleNet's train takes options beyond these (its model / augmentation options).
     if extra and not (args.command == "train" and args.model.lower() == "simplenet"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{_closest_options(args.command, extra)}")
     args.extra = extra
     if args.command is None:
         parser.print_help()

@@ -260,3 +260,11 @@ def test_train_defects_is_elpv_only(data_root, capsys):
     code = run_cli(["train", "--data", "mvtec", "--data-path", data_root, "--category", CATEGORY,
                     "--train-defects", 5, *FAST])
     assert code == 2 and "--train-defect-fraction" in capsys.readouterr().err
+
+
+def test_misspelt_option_names_the_closest_one(capsys):
+    assert run_cli(["train", "--epohcs", 3]) == 2
+    err = capsys.readouterr().err
+    assert "--epohcs -> --epochs" in err and "defectscope train --help" in err
+    assert run_cli(["predict", "x.png", "--model-path", "m", "--ouptut", "o"]) == 2
+    assert "--ouptut -> --output" in capsys.readouterr().err
