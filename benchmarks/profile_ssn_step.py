@@ -25,7 +25,7 @@ from defectscope.models import SuperSimpleNet
 from defectscope.models.common import perlin_masks
 
 BATCH = 8
-VARIANTS = (("float32 (default)", {}), ("channels-last", {"channels_last": True}), ("bfloat16 autocast", {"bf16": True}))
+VARIANTS = (("NCHW float32 (before)", {}), ("channels-last float32 (default)", {"channels_last": True}), ("bfloat16 autocast (NCHW weights)", {"bf16": True}))
 
 
 def timeit(fn, reps: int) -> float:
