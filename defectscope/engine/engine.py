@@ -50,6 +50,8 @@ class Engine:
             under the run folder.
         cache_features: False recomputes the frozen backbone's features from the images every
             step instead of reading the cache (slower, same model: it is how the cache is checked).
+        cache_float16_above_gb: caches larger than this (as float32) are stored as float16,
+            halving their memory (features rounded to float16).
         resume: continue from ``models/0/last.ckpt`` when the run folder has one.
         on_epoch_end: optional ``callback(epoch, loss)`` after each epoch's checkpoint.
     """
@@ -72,6 +74,7 @@ class Engine:
         progress: bool = True,
         cache_memory_gb: float = 4.0,
         cache_features: bool = True,
+        cache_float16_above_gb: float = 1.0,
         resume: bool = True,
         on_epoch_end: Callable[[int, float], None] | None = None,
     ) -> None:
@@ -87,6 +90,7 @@ class Engine:
         self.progress = progress
         self.cache_memory_gb = cache_memory_gb
         self.cache_features = cache_features
+        self.cache_float16_above_gb = cache_float16_above_gb
         self.resume = resume
         self.on_epoch_end = on_epoch_end
         self.fabric = L.Fabric(
@@ -149,6 +153,7 @@ class Engine:
             num_workers=self.num_workers,
             max_memory_gb=self.cache_memory_gb,
             cache_dir=self.run_dir / "cache",
+            float16_above_gb=self.cache_float16_above_gb,
             progress=self.progress and fabric.is_global_zero,
         )
         # Ground-truth masks (image size; zeros for good images and weak labels) for supervised training.

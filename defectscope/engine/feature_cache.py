@@ -3,8 +3,10 @@
 The backbone never trains and pre-processing is deterministic (no augmentation), so an
 image's features are the same in every epoch: computing them once turns an epoch into
 the heads' arithmetic alone. Features are stored as float32 (exactly what the backbone gave,
-so training from the cache gives the same model as computing features every step), in memory
-when they fit under ``max_memory_gb``, otherwise in a memory-mapped file. The cache key covers the
+so training from the cache gives the same model as computing features every step) up to
+``float16_above_gb``; larger caches are stored as float16, which halves their memory and rounds
+each value to float16 (relative error below 5e-4). They are kept in memory when they fit under
+``max_memory_gb``, otherwise in a memory-mapped file. The cache key covers the
 backbone fingerprint (name, layers, weights), the feature settings and every image file's
 path, size and modification time, so a stale entry can never be reused.
 """
@@ -54,8 +56,10 @@ def extract_features(
     max_memory_gb: float = 4.0,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    float16_above_gb: float = 1.0,
 ) -> torch.Tensor:
-    """Features ``[N, C, h, w]`` (float32, CPU) of every image in ``dataset``, in order.
+    """Features ``[N, C, h, w]`` (float32, or float16 above ``float16_above_gb``; CPU) of every
+    image in ``dataset``, in order.
 
     Reuses ``<cache_dir>/features-<key>.npy`` when present; writes it (memory-mapped) when
     the features exceed ``max_memory_gb``, which then needs a ``cache_dir``.
@@ -74,7 +78,8 @@ def extract_features(
             feats = model.extract_features(batch["image"].to(device)).to("cpu", torch.float32).contiguous()
             if features is None:
                 shape = (len(dataset), *feats.shape[1:])
-                nbytes = int(np.prod(shape)) * 4
+                dtype = np.float32 if int(np.prod(shape)) * 4 <= float16_above_gb * 2**30 else np.float16
+                nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
                 if nbytes > max_memory_gb * 2**30:
                     if cache_file is None:
                         raise MemoryError(
@@ -83,10 +88,10 @@ def extract_features(
                         )
                     cache_file.parent.mkdir(parents=True, exist_ok=True)
                     tmp = cache_file.with_suffix(".partial.npy")
-                    features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                    features = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
                 else:
-                    features = np.empty(shape, dtype=np.float32)
-            features[start : start + len(feats)] = feats.numpy()
+                    features = np.empty(shape, dtype=dtype)
+            features[start : start + len(feats)] = feats.numpy().astype(features.dtype, copy=False)
             start += len(feats)
             advance(len(feats))
     if isinstance(features, np.memmap):

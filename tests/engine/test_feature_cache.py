@@ -123,3 +123,14 @@ def test_training_with_the_cache_gives_the_same_model_as_features_every_step(ref
         # Only the backbone's batch composition differs (3 images per cache batch vs the
         # training batch), so agreement is to float32 round-off.
         torch.testing.assert_close(state[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_caches_over_the_float16_bound_are_stored_as_float16(lite, splits, fabric, tmp_path):
+    dataset = _dataset(lite, splits[CATEGORIES[0]].train)
+    exact = extract_features(lite, dataset, fabric, batch_size=3, progress=False)
+    half = extract_features(lite, dataset, fabric, batch_size=3, progress=False, float16_above_gb=0)
+    assert exact.dtype == torch.float32 and half.dtype == torch.float16
+    assert torch.equal(half, exact.half())
+    mapped = extract_features(lite, dataset, fabric, batch_size=3, max_memory_gb=0, cache_dir=tmp_path,
+                              progress=False, float16_above_gb=0)
+    assert mapped.dtype == torch.float16 and torch.equal(mapped, half)
