@@ -258,11 +258,11 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _closest_options(command: str | None, extra: list[str]) -> str:
-    """' (did you mean --epochs?)' for misspelt options of ``command``, else ''."""
+def _closest_options(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> str:
+    """' (did you mean: --epohcs -> --epochs? ...)' for misspelt options of ``command``, else ''."""
     import difflib
 
-    sub = _subparser(command)
+    sub = next((a.choices.get(command) for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     if sub is None:
         return ""
     valid = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
@@ -273,14 +273,6 @@ def _closest_options(command: str | None, extra: list[str]) -> str:
             if match:
                 hints.append(f"{item.split('=')[0]} -> {match[0]}")
     return f" (did you mean: {', '.join(hints)}? See `defectscope {command} --help`)" if hints else ""
-
-
-def _subparser(command: str | None):
-    parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices.get(command)
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Only SimpleNet's train takes options beyond these (its model / augmentation options).
     if extra and not (args.command == "train" and args.model.lower() == "simplenet"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}{_closest_options(args.command, extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{_closest_options(parser, args.command, extra)}")
     args.extra = extra
     if args.command is None:
         parser.print_help()

@@ -197,14 +197,15 @@ class Engine:
                     idx = order[start : start + self.batch_size]
                     if len(idx) < 2:  # batch norm cannot train on one sample
                         continue
-                    if on_images:
+                    images = None
+                    if on_images or not self.cache_features:
                         images = torch.stack([dataset[int(i)]["image"] for i in idx]).to(fabric.device)
+                    if on_images:
                         loss = fmodel.training_step_images(images)
                     else:
-                        if self.cache_features:
+                        if images is None:
                             feats = features[idx].to(fabric.device, torch.float32, non_blocking=True)
                         else:
-                            images = torch.stack([dataset[int(i)]["image"] for i in idx]).to(fabric.device)
                             feats = model.extract_features(images)
                         batch_masks = None if masks is None else masks[idx].to(fabric.device, torch.float32)
                         batch_labels = labels[idx].to(fabric.device) if labels.any() else None
