@@ -54,6 +54,13 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.trained_state_dict().items()}
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two trained states hold the same keys and bit-identical tensors."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def read_results(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))

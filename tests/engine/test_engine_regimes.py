@@ -6,8 +6,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
-import torch
-from _engine_helpers import CATEGORIES, build_model, make_engine, trained_state
+from _engine_helpers import CATEGORIES, assert_same_state, build_model, make_engine, trained_state
 
 from defectscope.data import Sample
 
@@ -88,8 +87,7 @@ def test_requested_unsupervised_drops_labelled_defects_with_a_notice(splits, tmp
     assert engine.regime == "unsupervised" and not model.supervised
     # Same model as training on the good images alone.
     alone = make_engine(tmp_path, "alone", max_epochs=1).fit(build_model(), splits[CATEGORIES[0]].train)
-    for key, value in trained_state(alone).items():
-        assert torch.equal(value, trained_state(model)[key]), key
+    assert_same_state(trained_state(alone), trained_state(model))
 
 
 def test_requested_supervised_with_missing_masks_falls_back_to_weak_labels(splits, tmp_path, capsys):
@@ -120,8 +118,7 @@ def test_killed_supervised_run_resumes_to_the_same_model(splits, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         make_engine(tmp_path, "killed", on_epoch_end=interrupt).fit(build_model(), train)
     resumed = make_engine(tmp_path, "killed").fit(build_model(seed=7), train)
-    for key, value in trained_state(full).items():
-        assert torch.equal(value, trained_state(resumed)[key]), key
+    assert_same_state(trained_state(full), trained_state(resumed))
 
 
 def test_gradient_clipping_applies_only_when_set_and_supervised(splits, tmp_path, monkeypatch):

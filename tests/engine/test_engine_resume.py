@@ -6,15 +6,9 @@ import os
 
 import pytest
 import torch
-from _engine_helpers import CATEGORIES, EPOCHS, build_model, make_engine, trained_state
+from _engine_helpers import CATEGORIES, EPOCHS, assert_same_state, build_model, make_engine, trained_state
 
 METRICS = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_threshold"]
-
-
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def _test_metrics(engine, model, splits) -> dict:
@@ -30,7 +24,7 @@ def test_same_seed_same_model_other_seed_other_model(reference_run, splits, tmp_
     train = splits[CATEGORIES[0]].train
     again = make_engine(tmp_path, "again")
     model = again.fit(build_model(), train)
-    _assert_same_state(trained_state(model), reference_run["state"])
+    assert_same_state(trained_state(model), reference_run["state"])
     assert _test_metrics(again, model, splits) == _reference_metrics(reference_run)
 
     other = make_engine(tmp_path, "other", seed=1)
@@ -61,7 +55,7 @@ def test_interrupted_run_resumes_to_the_same_model(reference_run, splits, tmp_pa
     model = second.fit(build_model(seed=123), train)
     assert epochs_run == list(range(stop_after + 1, EPOCHS))
     assert f"from epoch {stop_after + 1}/{EPOCHS}" in capsys.readouterr().out
-    _assert_same_state(trained_state(model), reference_run["state"])
+    assert_same_state(trained_state(model), reference_run["state"])
     assert _test_metrics(second, model, splits) == _reference_metrics(reference_run)
 
 
@@ -102,4 +96,4 @@ def test_failed_checkpoint_write_keeps_the_previous_one(reference_run, splits, t
 
     # The run resumes from the surviving checkpoint and ends where an uninterrupted run ends.
     model = make_engine(tmp_path, "atomic").fit(build_model(seed=7), train)
-    _assert_same_state(trained_state(model), reference_run["state"])
+    assert_same_state(trained_state(model), reference_run["state"])

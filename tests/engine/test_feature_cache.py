@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from _engine_helpers import CATEGORIES, build_model, make_engine, trained_state
+from _engine_helpers import CATEGORIES, assert_same_state, build_model, make_engine, trained_state
 from PIL import Image
 
 from defectscope.data import AnomalyDataset, mvtec_split
@@ -98,9 +98,7 @@ def test_training_from_memory_mapped_features_gives_the_same_model(reference_run
     engine = make_engine(tmp_path, "memmap", cache_memory_gb=0)
     model = engine.fit(build_model(), splits[CATEGORIES[0]].train)
     assert len(list((engine.run_dir / "cache").glob("features-*.npy"))) == 1
-    state = trained_state(model)
-    for key, tensor in reference_run["state"].items():
-        assert torch.equal(state[key], tensor), key
+    assert_same_state(trained_state(model), reference_run["state"])
 
 
 def test_features_over_the_memory_bound_are_memory_mapped_under_the_run_folder(reference_run, splits, tmp_path):
@@ -108,9 +106,7 @@ def test_features_over_the_memory_bound_are_memory_mapped_under_the_run_folder(r
     engine = make_engine(tmp_path, "over", cache_memory_gb=0.0001)
     model = engine.fit(build_model(), splits[CATEGORIES[0]].train)
     assert len(list((engine.run_dir / "cache").glob("features-*.npy"))) == 1
-    state = trained_state(model)
-    for key, tensor in reference_run["state"].items():
-        assert torch.equal(state[key], tensor), key
+    assert_same_state(trained_state(model), reference_run["state"])
     # Under the bound (the reference run, 4 GB): kept in memory, nothing written.
     assert not (reference_run["run_dir"] / "cache").exists()
 
