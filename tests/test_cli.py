@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import re
 import shutil
 
 import pytest
 import torch
+from _cli_helpers import in_tmp_dir, read_csv, run_cli, single_thread  # noqa: F401 (fixtures)
 
-from defectscope.cli import build_parser, main
+from defectscope.cli import build_parser
 from defectscope.data import list_images, make_synthetic_mvtec
 
 CATEGORY = "fabric"
 FAST = ["--no-progress", "--accelerator", "cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """torch on one thread: on a small shared CPU, OpenMP threads that wait for each other make
-    tiny tensor ops tens of times slower than one thread does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_dir(tmp_path, monkeypatch):
-    """Relative defaults (results/, predictions/) must never land in the repository."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")
-
-
-def run_cli(argv: list[str]) -> int:
-    """``main(argv)`` as a process would end: its return value, or the SystemExit status."""
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as err:
-        if err.code is None:
-            return 0
-        return err.code if isinstance(err.code, int) else 1
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +22,6 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_data")
     make_synthetic_mvtec(root, category=CATEGORY, image_size=64, n_train=8, n_test_good=4, n_test_defect=4)
     return root
-
-
-def _read_csv(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +33,7 @@ def trained(tmp_path_factory):
          "--image-size", 64, "--results-path", base / "results", "--run-name", "tiny", *FAST]
     )
     run_dir = base / "results" / "defectscope" / "synthetic" / "tiny"
-    return dict(code=code, run_dir=run_dir, data=base / "data", results=_read_csv(run_dir / "results.csv"))
+    return dict(code=code, run_dir=run_dir, data=base / "data", results=read_csv(run_dir / "results.csv"))
 
 
 # ---- help ------------------------------------------------------------------------------------
@@ -137,7 +105,7 @@ def test_test_command_reproduces_the_training_metrics(trained, tmp_path):
     code = run_cli(["test", "--model-path", run_dir, "--data", "mvtec", "--data-path", trained["data"],
                     "--category", CATEGORY, "--no-images", *FAST])
     assert code == 0
-    rows = _read_csv(run_dir / "results.csv")
+    rows = read_csv(run_dir / "results.csv")
     assert rows == trained["results"]  # same model, same test set: same metrics
 
 
@@ -148,7 +116,7 @@ def test_predict_command_scores_a_folder(trained, tmp_path):
     out = tmp_path / "out"
     code = run_cli(["predict", folder, "--model-path", trained["run_dir"], "--output", out, *FAST])
     assert code == 0
-    rows = _read_csv(out / "predictions.csv")
+    rows = read_csv(out / "predictions.csv")
     images = list_images(folder)
     assert [r["path"] for r in rows] == [str(p) for p in images]
     model = load_model(trained["run_dir"])

@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import pickle
 
 import pytest
 import torch
+from _cli_helpers import in_tmp_dir, read_csv, run_cli, single_thread  # noqa: F401 (fixtures)
 
 from defectscope import cli_simplenet
-from defectscope.cli import main
 from defectscope.data import make_synthetic_mvtec
 
 FAST_NET = ["net", "-b", "efficientnet_lite0", "--pretrain_embed_dimension", 64, "--target_embed_dimension", 64,
             "--pre_proj", 1, "--embedding_size", 64]
 FAST_DATA = ["--batch_size", 4, "--num_workers", 0, "--resize", 72, "--imagesize", 64]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_dir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")
-
-
-def run_cli(argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as err:
-        return 0 if err.code is None else err.code
-
-
-def read_csv(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
