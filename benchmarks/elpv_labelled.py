@@ -1,6 +1,6 @@
 """ELPV image AUROC against the number of labelled defective cells in training.
 
-Run by hand (not in CI):  python benchmarks/elpv_labelled.py [--counts 0 5 10 25 50] [--seeds 0]
+Run by hand (not in CI):  python benchmarks/elpv_labelled.py [--counts 0 5 10 25 50] [--seeds 0 1] [--jobs 2]
 
 For each cell type and each count N, runs the demo command with ``--train-defects N``
 (``defectscope train --category <type> --train-defects N``: SuperSimpleNet, EfficientNet-Lite0,
@@ -14,85 +14,149 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+RUNS = RESULTS / "elpv_labelled_runs.jsonl"
 
 
-def run(cell: str, count: int, seed: int, results_path: Path) -> tuple[float, float]:
+def run(cell: str, count: int, seed: int, results_path: str) -> dict:
+    """Train one model with the demo command, then score its test cells with both image scores."""
+    import torch
+
+    torch.set_num_threads(1)
+    from sklearn.metrics import roc_auc_score
+
     from defectscope.cli import main
+    from defectscope.data import elpv_split
+    from defectscope.models import load_model
 
     name = f"{cell}-n{count}-s{seed}"
     started = time.time()
     code = main(["train", "--category", cell, "--train-defects", str(count), "--seed", str(seed),
-                 "--results-path", str(results_path), "--group", "elpv-labelled", "--run-name", name,
+                 "--results-path", results_path, "--group", "elpv-labelled", "--run-name", name,
                  "--no-images", "--no-progress"])
     if code != 0:
         raise SystemExit(f"run {name} failed with exit code {code}")
-    with open(results_path / "defectscope" / "elpv-labelled" / name / "results.csv", newline="") as fh:
+    took = time.time() - started
+    run_dir = Path(results_path) / "defectscope" / "elpv-labelled" / name
+    with open(run_dir / "results.csv", newline="") as fh:
         row = next(r for r in csv.DictReader(fh) if r["category"] == cell)
-    return float(row["image_auroc"]), time.time() - started
+    # The engine's own test (the model's default image score) ...
+    out = dict(cell=cell, count=count, seed=seed, seconds=round(took, 1), auroc=float(row["image_auroc"]))
+    # ... and each image score on the same model (image_score only changes inference).
+    test = elpv_split(cell, seed=0, train_defects=count).test
+    labels = [s.label for s in test]
+    model = load_model(run_dir)
+    out["regime"] = "unsupervised" if not model.supervised else "weakly"
+    for score in ("classifier", "map_max"):
+        model.image_score = score
+        out[f"auroc_{score}"] = float(roc_auc_score(labels, [model.predict(s.path)[0] for s in test]))
+    return out
+
+
+def _done() -> set[tuple[str, int, int]]:
+    if not RUNS.exists():
+        return set()
+    return {(r["cell"], r["count"], r["seed"]) for r in map(json.loads, RUNS.read_text().splitlines()) if r}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", type=int, nargs="+", default=[0, 5, 10, 25, 50])
     ap.add_argument("--cells", nargs="+", default=["mono", "poly"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--results-path", default="results")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the runs file")
     args = ap.parse_args()
-    table: dict[tuple[str, int], list[float]] = {}
-    seconds: dict[tuple[str, int], list[float]] = {}
-    for cell in args.cells:
-        for count in args.counts:
-            for seed in args.seeds:
-                auroc, took = run(cell, count, seed, Path(args.results_path))
-                table.setdefault((cell, count), []).append(auroc)
-                seconds.setdefault((cell, count), []).append(took)
-                print(f"{cell} N={count} seed={seed}: image AUROC {auroc:.3f} ({took:.0f} s)", flush=True)
-    write_report(args, table, seconds)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    todo = [(c, n, s) for c in args.cells for n in args.counts for s in args.seeds if (c, n, s) not in _done()]
+    if not args.report_only and todo:
+        # Runs already in the runs file are kept (an interrupted benchmark resumes).
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(run, c, n, s, args.results_path) for c, n, s in todo]
+            for future in as_completed(futures):
+                result = future.result()
+                with open(RUNS, "a") as fh:
+                    fh.write(json.dumps(result) + "\n")
+                print(json.dumps(result), flush=True)
+    runs = [r for r in map(json.loads, RUNS.read_text().splitlines()) if r
+            and r["cell"] in args.cells and r["count"] in args.counts and r["seed"] in args.seeds]
+    write_report(args, runs)
 
 
-def write_report(args, table, seconds) -> None:
+def write_report(args, runs: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    def values(cell, count, key):
+        return [r[key] for r in runs if r["cell"] == cell and r["count"] == count]
+
+    def cell_text(v):
+        if not v:
+            return "–"
+        text = f"{np.mean(v):.3f}"
+        return text + (f" ({min(v):.3f}-{max(v):.3f})" if len(v) > 1 else "")
+
+    seeds = sorted({r["seed"] for r in runs})
     lines = [
         "# ELPV: image AUROC against labelled defective cells in training",
         "",
-        f"{time.strftime('%Y-%m-%d')}, 2 CPU cores, torch CPU. Command: `python benchmarks/elpv_labelled.py "
-        f"--counts {' '.join(map(str, args.counts))} --seeds {' '.join(map(str, args.seeds))}`.",
-        "Each run is `defectscope train --category <type> --train-defects N --seed S` (the demo's settings). "
-        "N = 0: unsupervised; N > 0: weakly supervised (image labels only). Same test cells for every N "
-        "(mono 147 good + 263 defective, poly 230 + 352). Mean over seeds (min-max in brackets when several).",
+        f"{time.strftime('%Y-%m-%d')}, 2 CPU cores, torch CPU, each run on 1 thread ({args.jobs} at a time). "
+        f"Command: `python benchmarks/elpv_labelled.py --counts {' '.join(map(str, args.counts))} "
+        f"--seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs}`; every run is kept in "
+        "`elpv_labelled_runs.jsonl` (the report is rebuilt from it with `--report-only`).",
+        "",
+        "Each run is `defectscope train --category <type> --train-defects N --seed S` (the demo's settings: "
+        "SuperSimpleNet, EfficientNet-Lite0, 3 epochs, batch 8). N = 0: unsupervised; N > 0: weakly supervised "
+        "(image labels only). Same test cells for every N and seed (mono 147 good + 263 defective, poly 230 + 352). "
+        f"Seeds {', '.join(map(str, seeds))}: mean (min-max).",
+        "",
+        "## The model's image score (`image_score=\"auto\"`: map maximum unsupervised, classifier with labels)",
         "",
         "| labelled defective cells | " + " | ".join(args.cells) + " | seconds per run (" + ", ".join(args.cells) + ") |",
         "|---|" + "---|" * len(args.cells) + "---|",
     ]
     for count in args.counts:
-        cells = []
-        for cell in args.cells:
-            values = table[(cell, count)]
-            text = f"{np.mean(values):.3f}"
-            if len(values) > 1:
-                text += f" ({min(values):.3f}-{max(values):.3f})"
-            cells.append(text)
-        took = ", ".join(f"{np.mean(seconds[(cell, count)]):.0f}" for cell in args.cells)
+        cells = [cell_text(values(cell, count, "auroc")) for cell in args.cells]
+        took = ", ".join(f"{np.mean(values(cell, count, 'seconds')):.0f}" if values(cell, count, "seconds") else "–"
+                         for cell in args.cells)
         lines.append(f"| {count} | " + " | ".join(cells) + f" | {took} |")
+    lines += [
+        "",
+        "## Both image scores on the same models",
+        "",
+        "The classification head's score (`classifier`) and the smoothed map's maximum (`map_max`), "
+        "computed on the same trained models (the image score only changes inference).",
+        "",
+        "| labelled defective cells | " + " | ".join(f"{c} classifier | {c} map max" for c in args.cells) + " |",
+        "|---|" + "---|---|" * len(args.cells),
+    ]
+    for count in args.counts:
+        cells = [f"{cell_text(values(cell, count, 'auroc_classifier'))} | {cell_text(values(cell, count, 'auroc_map_max'))}"
+                 for cell in args.cells]
+        lines.append(f"| {count} | " + " | ".join(cells) + " |")
     lines += ["", "![image AUROC against labelled defects](elpv_labelled.png)", ""]
     (RESULTS / "elpv_labelled.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
     for cell in args.cells:
-        means = [np.mean(table[(cell, c)]) for c in args.counts]
-        ax.plot(args.counts, means, marker="o", label=cell)
+        counts = [c for c in args.counts if values(cell, c, "auroc")]
+        means = [np.mean(values(cell, c, "auroc")) for c in counts]
+        low = [means[i] - min(values(cell, c, "auroc")) for i, c in enumerate(counts)]
+        high = [max(values(cell, c, "auroc")) - means[i] for i, c in enumerate(counts)]
+        ax.errorbar(counts, means, yerr=[low, high], marker="o", capsize=3, label=cell)
     ax.set_xlabel("labelled defective cells in training (image labels only)")
     ax.set_ylabel("image AUROC (held-out test cells)")
-    ax.set_title("SuperSimpleNet on ELPV, EfficientNet-Lite0")
+    ax.set_title(f"SuperSimpleNet on ELPV, EfficientNet-Lite0 ({len(seeds)} seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--noise-std", type=float, default=None,
                    help="synthetic feature-noise std in units of each channel's std; None: the model's (1.0)")
     m.add_argument("--adapt-cls-features", action="store_true", help="ICPR variant (default: JIMS)")
+    m.add_argument("--image-score", choices=["auto", "classifier", "map_max"], default="auto",
+                   help="image score: the classification head, or the anomaly map's maximum; auto: map_max when "
+                        "trained unsupervised, classifier when trained with labelled defects")
     m.add_argument("--regime", choices=["auto", "unsupervised", "weakly", "mixed", "supervised"], default="auto",
                    help="supervision regime; auto follows the training data (labelled defects with masks: "
                         "supervised, with image labels only: weakly, both: mixed, none: unsupervised)")
@@ -200,6 +203,8 @@ def cmd_train(args) -> int:
         kwargs = dict(backbone=args.backbone, layers=args.layers, weights=args.weights, image_size=args.image_size,
                       perlin_threshold=args.perlin_threshold, adapt_cls_features=args.adapt_cls_features,
                       upscale_factor=args.upscale_factor, lr_scale=args.lr_scale, visualizer=not args.no_images)
+        if args.model.lower().replace("-", "").replace("_", "") == "supersimplenet":
+            kwargs["image_score"] = args.image_score
         if args.noise_std is not None:
             kwargs["noise_std"] = args.noise_std
         model = create_model(args.model, **kwargs)

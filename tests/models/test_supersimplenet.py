@@ -188,7 +188,7 @@ def test_downsample_mask_bilinear_then_half_rule():
 
 @pytest.mark.parametrize("adapt_cls_features", [True, False])
 def test_classification_features_icpr_vs_jims(random_ssn, adapt_cls_features):
-    model = random_ssn(adapt_cls_features=adapt_cls_features).train()
+    model = random_ssn(adapt_cls_features=adapt_cls_features, image_score="classifier").train()
     features = _features(batch=4, size=8)
     heads = _HeadInputs(model)
     torch.manual_seed(6)
@@ -373,3 +373,56 @@ def test_set_regime_switches_the_supervised_settings(random_ssn):
     assert model.hparams["supervised"] is True
     model.set_regime("unsupervised")
     assert not model.supervised and model.segdec.stop_grad and model.grad_clip is None
+
+
+# ---- image score ----------------------------------------------------------------------------
+
+
+def test_image_score_rejects_unknown_names(random_ssn):
+    with pytest.raises(ValueError, match="auto, classifier, map_max"):
+        random_ssn(image_score="max")
+
+
+def test_image_score_map_max_is_the_maximum_of_the_returned_map(random_ssn):
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    model = random_ssn(image_score="map_max").eval()
+    heads = _HeadInputs(model)
+    with torch.no_grad():
+        maps, scores = model(images)
+    heads.close()
+    torch.testing.assert_close(scores, maps.amax(dim=(1, 2, 3)))
+    assert heads.calls == []  # the classification head is skipped, not computed and thrown away
+
+
+def test_image_score_classifier_is_the_classification_head(random_ssn):
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    model = random_ssn(image_score="classifier").eval()
+    with torch.no_grad():
+        maps, scores = model(images)
+        feats = model._standardize(model.extract_features(images))
+        _, head_scores = model.segdec(model.adaptor(feats), feats)
+    torch.testing.assert_close(scores, head_scores.sigmoid())
+    assert not torch.allclose(scores, maps.amax(dim=(1, 2, 3)))
+
+
+def test_image_score_auto_follows_the_training_regime(random_ssn):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    model = random_ssn().eval()
+    assert model.image_score == "auto" and model.scores_by_map
+    with torch.no_grad():
+        maps, scores = model(images)
+    torch.testing.assert_close(scores, maps.amax(dim=(1, 2, 3)))
+    for regime, by_map in [("weakly", False), ("mixed", False), ("supervised", False), ("unsupervised", True)]:
+        model.set_regime(regime)
+        assert model.scores_by_map is by_map, regime
+    model.set_regime("weakly")
+    with torch.no_grad():
+        _, weak_scores = model(images)
+    assert not torch.allclose(weak_scores, maps.amax(dim=(1, 2, 3)))
+
+
+def test_image_score_is_saved_with_the_model(make_ssn, tmp_path):
+    model = make_ssn(image_score="classifier")  # packaged weights: the loaded backbone must match
+    model.save(tmp_path)
+    loaded = SuperSimpleNet.load_from_path(tmp_path)
+    assert loaded.image_score == "classifier" and not loaded.scores_by_map
