@@ -170,6 +170,8 @@ def run_ours(cfg: dict) -> dict:
     def bare(x):  # the floor: backbone + aggregation + adaptor + heads, no post-processing
         feats = model._standardize(model.extract_features(x))
         adapted = model.adaptor(feats)
+        if model.scores_by_map:  # unsupervised: the map maximum is the score, no classification head
+            return model.segdec.seg_head(adapted)
         return model.segdec(adapted, feats)
 
     floor = {f"floor_ips_b{b}": throughput(bare, images, b, cfg["reps"]) for b in (1, 32)}
