@@ -145,6 +145,7 @@ class Engine:
         # Good images have a known (empty) mask; defects only when a mask file exists.
         mask_known = torch.tensor([s.label == 0 or s.mask_path is not None for s in dataset.samples])
         model.to(fabric.device)
+        # Under DDP each process runs the backbone on its share of the images; all get every feature.
         features = extract_features(
             model,
             dataset,

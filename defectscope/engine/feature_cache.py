@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +63,17 @@ def extract_features(
     image in ``dataset``, in order.
 
     Reuses ``<cache_dir>/features-<key>.npy`` when present; writes it (memory-mapped) when
-    the features exceed ``max_memory_gb``, which then needs a ``cache_dir``.
+    the features exceed ``max_memory_gb``, which then needs a ``cache_dir``. Under DDP each
+    process runs the backbone on its share of the images only and every process returns the
+    complete features (see :func:`_extract_shared`).
     """
     key = cache_key(model, dataset)
     cache_file = Path(cache_dir) / f"features-{key}.npy" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
         return torch.from_numpy(np.load(cache_file, mmap_mode="r+"))
+    if fabric.world_size > 1:
+        return _extract_shared(model, dataset, fabric, batch_size, num_workers, max_memory_gb, cache_file, progress,
+                               float16_above_gb)
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     device = fabric.device
@@ -77,26 +83,99 @@ def extract_features(
         for batch in loader:
             feats = model.extract_features(batch["image"].to(device)).to("cpu", torch.float32).contiguous()
             if features is None:
-                shape = (len(dataset), *feats.shape[1:])
-                dtype = np.float32 if int(np.prod(shape)) * 4 <= float16_above_gb * 2**30 else np.float16
-                nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-                if nbytes > max_memory_gb * 2**30:
-                    if cache_file is None:
-                        raise MemoryError(
-                            f"Cached features need {nbytes / 2**30:.1f} GiB, over max_memory_gb={max_memory_gb}. "
-                            "Give a cache_dir for a memory-mapped file or raise the bound."
-                        )
-                    cache_file.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache_file.with_suffix(".partial.npy")
-                    features = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-                else:
-                    features = np.empty(shape, dtype=dtype)
+                features = _empty_cache((len(dataset), *feats.shape[1:]), max_memory_gb, float16_above_gb, cache_file)
             features[start : start + len(feats)] = feats.numpy().astype(features.dtype, copy=False)
             start += len(feats)
             advance(len(feats))
     if isinstance(features, np.memmap):
         features.flush()
         del features
-        tmp.replace(cache_file)
+        cache_file.with_suffix(".partial.npy").replace(cache_file)  # only complete files carry the name
         return torch.from_numpy(np.load(cache_file, mmap_mode="r+"))
     return torch.from_numpy(features)
+
+
+def _cache_layout(shape, max_memory_gb: float, float16_above_gb: float, cache_file: Path | None):
+    """(dtype, memory-mapped?) of a cache of ``shape``: float16 above ``float16_above_gb`` (as
+    float32), memory-mapped above ``max_memory_gb``, which needs a ``cache_file``."""
+    dtype = np.float32 if int(np.prod(shape)) * 4 <= float16_above_gb * 2**30 else np.float16
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    mapped = nbytes > max_memory_gb * 2**30
+    if mapped and cache_file is None:
+        raise MemoryError(
+            f"Cached features need {nbytes / 2**30:.1f} GiB, over max_memory_gb={max_memory_gb}. "
+            "Give a cache_dir for a memory-mapped file or raise the bound."
+        )
+    return dtype, mapped
+
+
+def _empty_cache(shape, max_memory_gb: float, float16_above_gb: float, cache_file: Path | None) -> np.ndarray:
+    """Uninitialised cache array: in memory, or a memory-mapped ``.partial.npy`` next to ``cache_file``."""
+    dtype, mapped = _cache_layout(shape, max_memory_gb, float16_above_gb, cache_file)
+    if not mapped:
+        return np.empty(shape, dtype=dtype)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(cache_file.with_suffix(".partial.npy"), mode="w+", dtype=dtype, shape=shape)
+
+
+def _extract_shared(
+    model, dataset, fabric, batch_size, num_workers, max_memory_gb, cache_file, progress, float16_above_gb
+) -> torch.Tensor:
+    """:func:`extract_features` under DDP: each process extracts a share, all get every feature.
+
+    The split is by whole batches of the single-process loop (images ``[k*B, (k+1)*B)`` form
+    batch ``k``), dealt round-robin: in round ``j`` process ``r`` extracts batch ``j*W + r``.
+    Splitting per batch rather than per image keeps every image in the batch it has on one
+    process, so the features are bit-identical to one process's (a convolution's result can
+    depend on the batch it runs in, in the last float bits).
+
+    After each round the W batches are all-gathered, so every process fills its cache in
+    dataset order while only W batches are in flight (a memory-mapped cache stays within its
+    memory bound). Shares are unequal (the last batch may be short, and in the last round some
+    processes may have no batch): each process pads its batch with zeros to B rows, and every
+    process knows from (N, B, W) alone how many rows of each gathered batch are real.
+
+    A memory-mapped cache is written by rank 0 only (every process writing the same file
+    would race); the others open it once it is complete, so the cache folder must be visible
+    to every process, as it is on one machine.
+    """
+    n, world, rank = len(dataset), fabric.world_size, fabric.global_rank
+    device = fabric.device
+    n_batches = math.ceil(n / batch_size)
+
+    def rows(k: int) -> range:  # the images of batch k
+        return range(k * batch_size, min((k + 1) * batch_size, n))
+
+    mine = [list(rows(k)) for k in range(rank, n_batches, world)]
+    batches = iter(DataLoader(dataset, batch_sampler=mine, num_workers=num_workers))
+    features = padded = None
+    mapped = False
+    with progress_bar("Extracting backbone features", total=n, enabled=progress) as advance:
+        for first in range(0, n_batches, world):  # one round: batches first .. first + world - 1
+            feats = None
+            if first + rank < n_batches:
+                feats = model.extract_features(next(batches)["image"].to(device)).to(torch.float32)
+            if padded is None:
+                # Rank 0 always holds batch 0; its feature shape sizes every process's cache.
+                shape = fabric.broadcast(tuple(feats.shape[1:]) if rank == 0 else None, src=0)
+                _, mapped = _cache_layout((n, *shape), max_memory_gb, float16_above_gb, cache_file)
+                if not mapped or rank == 0:
+                    features = _empty_cache((n, *shape), max_memory_gb, float16_above_gb, cache_file)
+                padded = torch.zeros(batch_size, *shape, device=device)
+            padded.zero_()
+            if feats is not None:
+                padded[: len(feats)] = feats
+            gathered = fabric.all_gather(padded).cpu()  # [world, batch_size, C, h, w]
+            for r in range(world):
+                if first + r < n_batches and features is not None:
+                    k = rows(first + r)
+                    features[k.start : k.stop] = gathered[r, : len(k)].numpy().astype(features.dtype, copy=False)
+            advance(sum(len(rows(k)) for k in range(first, min(first + world, n_batches))))
+    if not mapped:
+        return torch.from_numpy(features)
+    if rank == 0:
+        features.flush()
+        del features
+        cache_file.with_suffix(".partial.npy").replace(cache_file)  # only complete files carry the name
+    fabric.barrier()  # the file is complete and renamed before anyone opens it
+    return torch.from_numpy(np.load(cache_file, mmap_mode="r+"))
