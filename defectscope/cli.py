@@ -306,6 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, WeightsNotFoundError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """End a DDP run's process group: a gloo process that exits with its group still alive
+    can abort at interpreter shutdown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

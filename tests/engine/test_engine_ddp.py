@@ -36,6 +36,7 @@ SCRIPT = textwrap.dedent(
     if engine.fabric.is_global_zero:
         json.dump(dict(world=engine.fabric.world_size, metrics={{k: metrics[k] for k in
                   ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")}}, predictions=predictions), open(out, "w"))
+    torch.distributed.destroy_process_group()  # else gloo can abort at exit, now and then
     """
 )
 
