@@ -53,7 +53,7 @@ def run(cell: str, count: int, seed: int, results_path: str) -> dict:
     labels = [s.label for s in test]
     model = load_model(run_dir)
     out["regime"] = "unsupervised" if not model.supervised else "weakly"
-    for score in ("classifier", "map_max"):
+    for score in ("classifier", "map_max", "mean"):
         model.image_score = score
         out[f"auroc_{score}"] = float(roc_auc_score(labels, [model.predict(s.path)[0] for s in test]))
     return out
@@ -99,7 +99,7 @@ def write_report(args, runs: list[dict]) -> None:
     import numpy as np
 
     def values(cell, count, key):
-        return [r[key] for r in runs if r["cell"] == cell and r["count"] == count]
+        return [r[key] for r in runs if r["cell"] == cell and r["count"] == count and key in r]
 
     def cell_text(v):
         if not v:
@@ -121,7 +121,8 @@ def write_report(args, runs: list[dict]) -> None:
         "(image labels only). Same test cells for every N and seed (mono 147 good + 263 defective, poly 230 + 352). "
         f"Seeds {', '.join(map(str, seeds))}: mean (min-max).",
         "",
-        "## The model's image score (`image_score=\"auto\"`: map maximum unsupervised, classifier with labels)",
+        "## The model's image score (`image_score=\"auto\"`: map maximum unsupervised, mean of classifier and "
+        "map maximum with labels)",
         "",
         "| labelled defective cells | " + " | ".join(args.cells) + " | seconds per run (" + ", ".join(args.cells) + ") |",
         "|---|" + "---|" * len(args.cells) + "---|",
@@ -135,14 +136,15 @@ def write_report(args, runs: list[dict]) -> None:
         "",
         "## Both image scores on the same models",
         "",
-        "The classification head's score (`classifier`) and the smoothed map's maximum (`map_max`), "
-        "computed on the same trained models (the image score only changes inference).",
+        "The classification head's score (`classifier`), the smoothed map's maximum (`map_max`) and their "
+        "mean as probabilities (`mean`), computed on the same trained models (the image score only changes "
+        "inference).",
         "",
-        "| labelled defective cells | " + " | ".join(f"{c} classifier | {c} map max" for c in args.cells) + " |",
-        "|---|" + "---|---|" * len(args.cells),
+        "| labelled defective cells | " + " | ".join(f"{c} classifier | {c} map max | {c} mean" for c in args.cells) + " |",
+        "|---|" + "---|---|---|" * len(args.cells),
     ]
     for count in args.counts:
-        cells = [f"{cell_text(values(cell, count, 'auroc_classifier'))} | {cell_text(values(cell, count, 'auroc_map_max'))}"
+        cells = [" | ".join(cell_text(values(cell, count, f"auroc_{k}")) for k in ("classifier", "map_max", "mean"))
                  for cell in args.cells]
         lines.append(f"| {count} | " + " | ".join(cells) + " |")
     lines += [

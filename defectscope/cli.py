@@ -86,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--noise-std", type=float, default=None,
                    help="synthetic feature-noise std in units of each channel's std; None: the model's (1.0)")
     m.add_argument("--adapt-cls-features", action="store_true", help="ICPR variant (default: JIMS)")
-    m.add_argument("--image-score", choices=["auto", "classifier", "map_max"], default="auto",
-                   help="image score: the classification head, or the anomaly map's maximum; auto: map_max when "
-                        "trained unsupervised, classifier when trained with labelled defects")
+    m.add_argument("--image-score", choices=["auto", "classifier", "map_max", "mean"], default="auto",
+                   help="image score: the classification head, the anomaly map's maximum, or their mean; auto: "
+                        "map_max when trained unsupervised, mean when trained with labelled defects")
     m.add_argument("--regime", choices=["auto", "unsupervised", "weakly", "mixed", "supervised"], default="auto",
                    help="supervision regime; auto follows the training data (labelled defects with masks: "
                         "supervised, with image labels only: weakly, both: mixed, none: unsupervised)")

@@ -379,7 +379,7 @@ def test_set_regime_switches_the_supervised_settings(random_ssn):
 
 
 def test_image_score_rejects_unknown_names(random_ssn):
-    with pytest.raises(ValueError, match="auto, classifier, map_max"):
+    with pytest.raises(ValueError, match="auto, classifier, map_max, mean"):
         random_ssn(image_score="max")
 
 
@@ -412,13 +412,30 @@ def test_image_score_auto_follows_the_training_regime(random_ssn):
     with torch.no_grad():
         maps, scores = model(images)
     torch.testing.assert_close(scores, maps.amax(dim=(1, 2, 3)))
-    for regime, by_map in [("weakly", False), ("mixed", False), ("supervised", False), ("unsupervised", True)]:
+    for regime, kind in [("weakly", "mean"), ("mixed", "mean"), ("supervised", "mean"), ("unsupervised", "map_max")]:
         model.set_regime(regime)
-        assert model.scores_by_map is by_map, regime
+        assert model.resolved_image_score == kind, regime
     model.set_regime("weakly")
+    model.image_score = "mean"
     with torch.no_grad():
-        _, weak_scores = model(images)
-    assert not torch.allclose(weak_scores, maps.amax(dim=(1, 2, 3)))
+        expected = model(images)[1]
+    model.image_score = "auto"
+    with torch.no_grad():
+        torch.testing.assert_close(model(images)[1], expected)
+
+
+def test_image_score_mean_averages_classifier_and_map_max(random_ssn):
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    model = random_ssn(image_score="classifier").eval()
+    with torch.no_grad():
+        maps, cls_scores = model(images)
+        model.image_score = "mean"
+        mean_maps, mean_scores = model(images)
+        model.post_processor = False
+        _, raw = model(images)
+    torch.testing.assert_close(mean_maps, maps)
+    torch.testing.assert_close(mean_scores, 0.5 * (cls_scores + maps.amax(dim=(1, 2, 3))))
+    torch.testing.assert_close(raw.sigmoid(), mean_scores)
 
 
 def test_image_score_is_saved_with_the_model(make_ssn, tmp_path):
