@@ -147,6 +147,10 @@ def write_report(args, runs: list[dict]) -> None:
         cells = [" | ".join(cell_text(values(cell, count, f"auroc_{k}")) for k in ("classifier", "map_max", "mean"))
                  for cell in args.cells]
         lines.append(f"| {count} | " + " | ".join(cells) + " |")
+    if any(r.get("mean_rescored") for r in runs):
+        lines += ["", "Runs marked `mean_rescored` in the runs file were trained before the `mean` score existed; "
+                  "their `mean` was computed afterwards from the same saved models' per-image classifier and map "
+                  "scores (the classifier and map AUROCs recomputed that way matched the recorded ones)."]
     lines += [
         "",
         "![image AUROC against labelled defects](elpv_labelled.png)",
