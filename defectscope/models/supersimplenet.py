@@ -124,8 +124,9 @@ class SuperSimpleNet(AnomalyModel):
             classification head learns to spot that noise rather than real defects (ELPV image
             AUROC 0.85 mono / 0.73 poly against 0.93 / 0.86 for the map maximum of the same
             models). With a few labelled defects it learns from real ones but varies a lot between
-            seeds; averaging it with the map maximum beat either alone on ELPV mono from 10
-            labelled cells up.
+            seeds; averaging it with the map maximum beat either alone from 10 labelled cells up on
+            mono and from 25 up on poly (0.943 / 0.871 at 25), and lost 0.01-0.03 to the map
+            maximum below that.
         supervised_grad_clip: gradient-norm clipping in the supervised regimes (None: off). The
             reference clips at 1 in its supervised runs (300 epochs); in short schedules it slows
             learning: ELPV mono with 10 weakly labelled cells, 3 epochs, image AUROC 0.879 with
