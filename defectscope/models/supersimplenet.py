@@ -13,7 +13,8 @@ Data flow (shapes for a 256x256 input and EfficientNet-Lite0 ``blocks.2``/``bloc
       -> (training only) Gaussian noise inside Perlin masks on a duplicated batch
       -> segmentation head -> map logits [B,1,64,64]
       -> classification head (5x5 conv over features + map, max/avg pooling, linear) -> score logit [B]
-    inference: map upscaled to the image size, Gaussian smoothing (sigma 4), sigmoid.
+    inference: map upscaled to the image size, Gaussian smoothing (sigma 4), sigmoid; the image
+      score is the classifier, the map's maximum or their mean (``image_score``).
 
 Noise scale. The reference adds N(0, 0.015) to features of WideResNet-50 (torchvision v1
 weights). Other backbones have other activation scales (EfficientNet-Lite features have std
