@@ -186,13 +186,14 @@ def _merge_notes(split_notes: list[str], metric_notes: list[str]) -> list[str]:
 def cmd_train(args) -> int:
     import torch
 
-    if args.model.lower() == "simplenet":
+    from defectscope.models import create_model, model_key
+
+    if model_key(args.model) == "simplenet":
         from defectscope.cli_simplenet import train_from_args
 
         return train_from_args(args)
 
     from defectscope.data import summarise
-    from defectscope.models import create_model
 
     started = time.time()
     splits = _splits(args)
@@ -203,7 +204,7 @@ def cmd_train(args) -> int:
         kwargs = dict(backbone=args.backbone, layers=args.layers, weights=args.weights, image_size=args.image_size,
                       perlin_threshold=args.perlin_threshold, adapt_cls_features=args.adapt_cls_features,
                       upscale_factor=args.upscale_factor, lr_scale=args.lr_scale, visualizer=not args.no_images)
-        if args.model.lower().replace("-", "").replace("_", "") == "supersimplenet":
+        if model_key(args.model) == "supersimplenet":
             kwargs["image_score"] = args.image_score
         if args.noise_std is not None:
             kwargs["noise_std"] = args.noise_std
@@ -290,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return simplenet_main(argv[1:])
     args, extra = parser.parse_known_args(argv)
+    from defectscope.models import model_key
+
     # Only SimpleNet's train takes options beyond these (its model / augmentation options).
-    if extra and not (args.command == "train" and args.model.lower() == "simplenet"):
+    if extra and not (args.command == "train" and model_key(args.model) == "simplenet"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}{_closest_options(parser, args.command, extra)}")
     args.extra = extra
     if args.command is None:

@@ -10,9 +10,14 @@ MODELS: dict[str, type[AnomalyModel]] = {
 }
 
 
+def model_key(name: str) -> str:
+    """Registry key of a model name: case, '-' and '_' do not matter ("Super-SimpleNet")."""
+    return name.lower().replace("-", "").replace("_", "")
+
+
 def create_model(name: str, **kwargs) -> AnomalyModel:
-    """Build a model by registry name (case-insensitive)."""
-    key = name.lower().replace("-", "").replace("_", "")
+    """Build a model by registry name (see :func:`model_key`)."""
+    key = model_key(name)
     if key not in MODELS:
         import difflib
 
@@ -27,4 +32,5 @@ def load_model(path, weights=None) -> AnomalyModel:
     return AnomalyModel.load_from_path(path, weights=weights)
 
 
-__all__ = ["AnomalyModel", "MODELS", "SimpleNet", "SuperSimpleNet", "create_model", "find_model_dir", "load_model"]
+__all__ = ["AnomalyModel", "MODELS", "SimpleNet", "SuperSimpleNet", "create_model", "find_model_dir", "load_model",
+           "model_key"]

@@ -365,14 +365,14 @@ class SuperSimpleNet(AnomalyModel):
         """Inference on pre-extracted features -> (map logits ``[B,1,H,W]`` smoothed, score logits ``[B]``)."""
         feats = self._standardize(features)
         adapted = self.adaptor(feats)
-        if self.scores_by_map:
+        kind = self.resolved_image_score
+        if kind == "map_max":
             # The classification head's output would be thrown away: skip its 5x5 conv.
             map_logits = self.segdec.seg_head(adapted)
         else:
             cls_feats = adapted if self.adapt_cls_features else feats
             map_logits, score_logits = self.segdec(adapted, cls_feats)
         map_logits = self.smoothing(F.interpolate(map_logits, size=output_size, mode="bilinear", align_corners=False))
-        kind = self.resolved_image_score
         if kind == "map_max":
             score_logits = map_logits.amax(dim=(1, 2, 3))
         elif kind == "mean":
