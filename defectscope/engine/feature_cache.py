@@ -70,7 +70,7 @@ def extract_features(
     key = cache_key(model, dataset)
     cache_file = Path(cache_dir) / f"features-{key}.npy" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
-        return torch.from_numpy(np.load(cache_file, mmap_mode="r+"))
+        return _open(cache_file)
     if fabric.world_size > 1:
         return _extract_shared(model, dataset, fabric, batch_size, num_workers, max_memory_gb, cache_file, progress,
                                float16_above_gb)
@@ -89,10 +89,19 @@ def extract_features(
             advance(len(feats))
     if isinstance(features, np.memmap):
         features.flush()
-        del features
-        cache_file.with_suffix(".partial.npy").replace(cache_file)  # only complete files carry the name
-        return torch.from_numpy(np.load(cache_file, mmap_mode="r+"))
+        del features  # close the map before the file is renamed
+        _partial(cache_file).replace(cache_file)  # only complete files carry the name
+        return _open(cache_file)
     return torch.from_numpy(features)
+
+
+def _open(cache_file: Path) -> torch.Tensor:
+    return torch.from_numpy(np.load(cache_file, mmap_mode="r+"))
+
+
+def _partial(cache_file: Path) -> Path:
+    """Where a memory-mapped cache is written until it is complete."""
+    return cache_file.with_suffix(".partial.npy")
 
 
 def _cache_layout(shape, max_memory_gb: float, float16_above_gb: float, cache_file: Path | None):
@@ -115,7 +124,7 @@ def _empty_cache(shape, max_memory_gb: float, float16_above_gb: float, cache_fil
     if not mapped:
         return np.empty(shape, dtype=dtype)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    return np.lib.format.open_memmap(cache_file.with_suffix(".partial.npy"), mode="w+", dtype=dtype, shape=shape)
+    return np.lib.format.open_memmap(_partial(cache_file), mode="w+", dtype=dtype, shape=shape)
 
 
 def _extract_shared(
@@ -175,7 +184,7 @@ def _extract_shared(
         return torch.from_numpy(features)
     if rank == 0:
         features.flush()
-        del features
-        cache_file.with_suffix(".partial.npy").replace(cache_file)  # only complete files carry the name
+        del features  # close the map before the file is renamed
+        _partial(cache_file).replace(cache_file)  # only complete files carry the name
     fabric.barrier()  # the file is complete and renamed before anyone opens it
-    return torch.from_numpy(np.load(cache_file, mmap_mode="r+"))
+    return _open(cache_file)
