@@ -6,8 +6,8 @@ For each cell type and each count N, runs the demo command with ``--train-defect
 (``defectscope train --category <type> --train-defects N``: SuperSimpleNet, EfficientNet-Lite0,
 the demo's epochs, batch and learning rate). N = 0 is the unsupervised demo; N > 0 trains weakly
 supervised on N probability-1 cells with image labels only. The test cells are the same for every
-N (ELPV split with its fixed pool of 50 labelled-defect cells). Writes
-benchmarks/results/elpv_labelled.md and elpv_labelled.png.
+N (ELPV split with its fixed pool of 50 labelled-defect cells). Appends every run to
+benchmarks/results/elpv_labelled_runs.jsonl and writes elpv_labelled.md and elpv_labelled.png.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ RUNS = RESULTS / "elpv_labelled_runs.jsonl"
 
 
 def run(cell: str, count: int, seed: int, results_path: str) -> dict:
-    """Train one model with the demo command, then score its test cells with both image scores."""
+    """Train one model with the demo command, then score its test cells with each image score."""
     import torch
 
     torch.set_num_threads(1)
@@ -59,10 +59,11 @@ def run(cell: str, count: int, seed: int, results_path: str) -> dict:
     return out
 
 
-def _done() -> set[tuple[str, int, int]]:
+def _runs() -> list[dict]:
+    """Every run recorded so far in the runs file."""
     if not RUNS.exists():
-        return set()
-    return {(r["cell"], r["count"], r["seed"]) for r in map(json.loads, RUNS.read_text().splitlines()) if r}
+        return []
+    return [json.loads(line) for line in RUNS.read_text().splitlines() if line]
 
 
 def main() -> None:
@@ -76,7 +77,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    todo = [(c, n, s) for c in args.cells for n in args.counts for s in args.seeds if (c, n, s) not in _done()]
+    done = {(r["cell"], r["count"], r["seed"]) for r in _runs()}
+    todo = [(c, n, s) for c in args.cells for n in args.counts for s in args.seeds if (c, n, s) not in done]
     if not args.report_only and todo:
         # Runs already in the runs file are kept (an interrupted benchmark resumes).
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -86,8 +88,7 @@ def main() -> None:
                 with open(RUNS, "a") as fh:
                     fh.write(json.dumps(result) + "\n")
                 print(json.dumps(result), flush=True)
-    runs = [r for r in map(json.loads, RUNS.read_text().splitlines()) if r
-            and r["cell"] in args.cells and r["count"] in args.counts and r["seed"] in args.seeds]
+    runs = [r for r in _runs() if r["cell"] in args.cells and r["count"] in args.counts and r["seed"] in args.seeds]
     write_report(args, runs)
 
 
@@ -134,7 +135,7 @@ def write_report(args, runs: list[dict]) -> None:
         lines.append(f"| {count} | " + " | ".join(cells) + f" | {took} |")
     lines += [
         "",
-        "## Both image scores on the same models",
+        "## Each image score on the same models",
         "",
         "The classification head's score (`classifier`), the smoothed map's maximum (`map_max`) and their "
         "mean as probabilities (`mean`), computed on the same trained models (the image score only changes "
