@@ -90,7 +90,7 @@ def make_model(up: int, **kw) -> SuperSimpleNet:
 
 
 # ---------------------------------------------------------------- 1. parity
-def parity(report: Report, device: torch.device) -> None:
+def parity(report: Report, device: torch.device, quick: bool = False) -> None:
     report.add("## 1. CPU vs GPU parity", "",
                "TF32: PyTorch's default lets cuDNN convolutions use TensorFloat-32 (10-bit mantissa) on the GPU; "
                "'off' sets `torch.backends.cudnn.allow_tf32 = False` (and for matmuls), which gives float32 round-off.", "",
@@ -297,12 +297,15 @@ def profile(report: Report, device: torch.device, quick: bool) -> None:
     report.add("Top operations over 10 steps, by self time on the device:", "", "```", table, "```", "")
 
 
+SECTIONS = {f.__name__: f for f in (parity, end_to_end, training_steps, inference, profile)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu.md"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
-    ap.add_argument("--sections", nargs="+", default=["parity", "end_to_end", "training_steps", "inference", "profile"])
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     args = ap.parse_args()
     device = torch.device(args.device)
     report = Report(Path(args.out))
@@ -314,7 +317,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     for section in args.sections:
         try:
-            globals()[section](report, device) if section == "parity" else globals()[section](report, device, args.quick)
+            SECTIONS[section](report, device, args.quick)
         except Exception:
             report.add(f"section {section} failed:", "```", traceback.format_exc(), "```", "")
 

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lr-scale", type=float, default=2.0, help="multiplies the reference learning rates")
     m.add_argument("--no-test", action="store_true", help="train only")
     m.add_argument("--no-resume", action="store_true", help="start again even if the run folder has a checkpoint")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the trainable heads: ~1.12x faster training steps on CPU after 5-16 s of "
+                        "compiling; pays in long runs (needs a C++ compiler on CPU)")
     _add_engine_options(train)
 
     test = sub.add_parser("test", help="evaluate a trained run on a test split", formatter_class=fmt)
@@ -156,6 +159,7 @@ def _engine(args, run_name=None, results_path=None, project=None, group=None, ep
         batch_size=args.batch_size, seed=args.seed, accelerator=args.accelerator, devices=devices,
         strategy=args.strategy, precision=args.precision, num_nodes=args.num_nodes, num_workers=args.num_workers,
         progress=not args.no_progress, resume=not getattr(args, "no_resume", False),
+        compile_heads=getattr(args, "compile", False),
     )
 
 

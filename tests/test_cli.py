@@ -236,3 +236,13 @@ def test_misspelt_option_names_the_closest_one(capsys):
     assert "--epohcs -> --epochs" in err and "defectscope train --help" in err
     assert run_cli(["predict", "x.png", "--model-path", "m", "--ouptut", "o"]) == 2
     assert "--ouptut -> --output" in capsys.readouterr().err
+
+
+def test_compile_is_a_train_option_that_reaches_the_engine():
+    from defectscope.cli import _engine
+
+    parser = build_parser()
+    assert _engine(parser.parse_args(["train", "--compile", "--accelerator", "cpu"])).compile_heads is True
+    assert _engine(parser.parse_args(["train", "--accelerator", "cpu"])).compile_heads is False
+    with pytest.raises(SystemExit):  # training only: test and predict do not train
+        parser.parse_args(["test", "--model-path", "x", "--compile"])
