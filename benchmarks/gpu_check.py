@@ -41,6 +41,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from vs_anomalib import floor_forward  # noqa: E402  (benchmarks/ is on the path when run as a script)
+
 from defectscope.models import SuperSimpleNet  # noqa: E402
 from defectscope.models import supersimplenet as ssn_module  # noqa: E402
 
@@ -245,9 +247,8 @@ def inference(report: Report, device: torch.device, quick: bool) -> None:
         model.fit_feature_statistics(model.extract_features(images))
         model.eval()
 
-        def bare(x):
-            adapted = model.adaptor(model._standardize(model.extract_features(x)))
-            return model.segdec.seg_head(adapted)  # unsupervised default: map maximum, no classifier
+        def bare(x):  # unsupervised default: map maximum, no classifier
+            return floor_forward(model, x)
 
         for batch in (1, 32):
             x = images[:batch]

@@ -7,9 +7,9 @@ Run by hand (not in CI):
 
 Each setting is ``noise_std:lr_scale``. The demo's features (EfficientNet-Lite0 blocks.2 +
 blocks.4, 256 px, 32x32 grid, the demo's split) are extracted once per cell type and kept in
-``$BENCH_DIR`` (default /tmp/ssn_bench). The heads then train on them exactly as the engine
-does with its feature cache (batch 8, the model's own optimiser and schedule, one shuffle per
-epoch from torch's seeded generator), and every epoch is scored by the map maximum on the test
+``$BENCH_DIR`` (default /tmp/ssn_bench). The heads then train on them in the engine's steps
+(batch 8, the model's own optimiser and schedule, a one-image last batch skipped; the shuffle comes
+from torch's global generator, seeded per run, not the engine's per-epoch one), and every epoch is scored by the map maximum on the test
 split. The floor is :mod:`nn_floor`'s score on the same features; for the first seed of each
 setting a paired bootstrap (2,000 resamples of good and defective cells) gives the 95 %
 interval of (model AUROC - floor AUROC) and how often the model is below the floor.

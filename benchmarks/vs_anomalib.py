@@ -76,6 +76,16 @@ def load_tensors(paths: list[str], size: int):
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
 
 
+def floor_forward(model, images):
+    """The floor of a SuperSimpleNet's inference: backbone, aggregation, adaptor and the heads its
+    image score needs, as bare modules; no upscaling, smoothing or post-processing."""
+    feats = model._standardize(model.extract_features(images))
+    adapted = model.adaptor(feats)
+    if model.scores_by_map:  # the map maximum is the score: no classification head
+        return model.segdec.seg_head(adapted)
+    return model.segdec(adapted, adapted if model.adapt_cls_features else feats)
+
+
 # ---------------------------------------------------------------- anomalib side
 def run_anomalib(cfg: dict) -> dict:
     import timm
@@ -167,12 +177,8 @@ def run_ours(cfg: dict) -> dict:
             maps.append(m[:, 0])
     infer = {f"ips_b{b}": throughput(lambda x: model(x), images, b, cfg["reps"]) for b in (1, 32)}
 
-    def bare(x):  # the floor: backbone + aggregation + adaptor + heads, no post-processing
-        feats = model._standardize(model.extract_features(x))
-        adapted = model.adaptor(feats)
-        if model.scores_by_map:  # unsupervised: the map maximum is the score, no classification head
-            return model.segdec.seg_head(adapted)
-        return model.segdec(adapted, feats)
+    def bare(x):
+        return floor_forward(model, x)
 
     floor = {f"floor_ips_b{b}": throughput(bare, images, b, cfg["reps"]) for b in (1, 32)}
     from torch.utils.flop_counter import FlopCounterMode

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import shutil
 import math
+import shutil
 
 import numpy as np
 import pytest
