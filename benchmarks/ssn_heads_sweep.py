@@ -3,9 +3,10 @@
 Run by hand (not in CI):
 
     python benchmarks/ssn_heads_sweep.py --cells mono poly --seeds 0 1 2 \\
-        --settings 1.0:2 0.5:2 0.5:4 [--epochs 3] [--threads 2]
+        --settings 1.0:2 0.5:2 0.5:4 1.0:2:xavier [--epochs 3] [--threads 2]
 
-Each setting is ``noise_std:lr_scale``. The demo's features (EfficientNet-Lite0 blocks.2 +
+Each setting is ``noise_std:lr_scale[:adaptor_init]`` (adaptor_init: the model's default,
+orthogonal, unless given). The demo's features (EfficientNet-Lite0 blocks.2 +
 blocks.4, 256 px, 32x32 grid, the demo's split) are extracted once per cell type and kept in
 ``$BENCH_DIR`` (default /tmp/ssn_bench). The heads then train on them in the engine's steps
 (batch 8, the model's own optimiser and schedule, a one-image last batch skipped; the shuffle comes
@@ -57,10 +58,12 @@ def as_grid(patches: torch.Tensor) -> torch.Tensor:
     return patches.reshape(patches.shape[0], GRID, GRID, -1).permute(0, 3, 1, 2).contiguous()
 
 
-def train_and_score(train, test, noise: float, lr_scale: float, epochs: int, seed: int, batch: int = 8) -> list[np.ndarray]:
+def train_and_score(train, test, noise: float, lr_scale: float, epochs: int, seed: int, batch: int = 8,
+                    adaptor_init: str = "orthogonal") -> list[np.ndarray]:
     """Map-maximum scores of the test cells after each epoch."""
     torch.manual_seed(seed)
-    model = SuperSimpleNet(backbone="efficientnet_lite0", upscale_factor=1, noise_std=noise, lr_scale=lr_scale)
+    model = SuperSimpleNet(backbone="efficientnet_lite0", upscale_factor=1, noise_std=noise, lr_scale=lr_scale,
+                           adaptor_init=adaptor_init)
     model.fit_feature_statistics(train.float())
     optimizer, scheduler = model.configure_optimizers(epochs)
     per_epoch = []
@@ -99,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", nargs="+", default=["mono", "poly"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--settings", nargs="+", default=["1.0:2", "0.5:2", "0.5:4"], help="noise_std:lr_scale")
+    ap.add_argument("--settings", nargs="+", default=["1.0:2", "0.5:2", "0.5:4"], help="noise_std:lr_scale[:adaptor_init]")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -113,8 +116,8 @@ def main() -> None:
         "seeds; 'vs floor' is the paired bootstrap of the first seed: 95 % interval of the difference and "
         "the share of resamples where the model is below the floor.",
         "",
-        "| cells | noise std | lr scale | image AUROC | per epoch (mean over seeds) | NN floor | vs floor (first seed) |",
-        "|---|---|---|---|---|---|---|",
+        "| cells | noise std | lr scale | adaptor init | image AUROC | per epoch (mean over seeds) | NN floor | vs floor (first seed) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for cell in args.cells:
         data = cached_features(cell)
@@ -122,12 +125,13 @@ def main() -> None:
         floor = nn_scores(data["train"].float(), data["test"].float(), 20000)
         floor_auroc = roc_auc_score(labels, floor)
         for setting in args.settings:
-            noise, lr_scale = map(float, setting.split(":"))
-            runs = [train_and_score(train, test, noise, lr_scale, args.epochs, seed) for seed in args.seeds]
+            noise, lr_scale, *init = setting.split(":")
+            noise, lr_scale, init = float(noise), float(lr_scale), init[0] if init else "orthogonal"
+            runs = [train_and_score(train, test, noise, lr_scale, args.epochs, seed, adaptor_init=init) for seed in args.seeds]
             final = [roc_auc_score(labels, r[-1]) for r in runs]
             curve = " / ".join(f"{statistics.mean(roc_auc_score(labels, r[e]) for r in runs):.3f}" for e in range(args.epochs))
             low, high, below = paired_bootstrap(labels, runs[0][-1], floor)
-            lines.append(f"| {cell} | {noise} | {lr_scale} | {statistics.mean(final):.3f} ({min(final):.3f}-{max(final):.3f}) | "
+            lines.append(f"| {cell} | {noise} | {lr_scale} | {init} | {statistics.mean(final):.3f} ({min(final):.3f}-{max(final):.3f}) | "
                          f"{curve} | {floor_auroc:.3f} | [{low:+.3f}, {high:+.3f}], below in {below:.0%} |")
             print(lines[-1], flush=True)
     with open(RESULTS / "noise_scale.md", "a") as fh:

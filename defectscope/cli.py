@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-score", choices=["auto", "classifier", "map_max", "mean"], default="auto",
                    help="image score: the classification head, the anomaly map's maximum, or their mean; auto: "
                         "map_max when trained unsupervised, mean when trained with labelled defects")
+    m.add_argument("--adaptor-init", choices=["orthogonal", "xavier"], default="orthogonal",
+                   help="SuperSimpleNet adaptor's starting weights (xavier: the reference's; orthogonal keeps "
+                        "every feature direction at the noise's scale)")
     m.add_argument("--regime", choices=["auto", "unsupervised", "weakly", "mixed", "supervised"], default="auto",
                    help="supervision regime; auto follows the training data (labelled defects with masks: "
                         "supervised, with image labels only: weakly, both: mixed, none: unsupervised)")
@@ -210,6 +213,7 @@ def cmd_train(args) -> int:
                       upscale_factor=args.upscale_factor, lr_scale=args.lr_scale, visualizer=not args.no_images)
         if model_key(args.model) == "supersimplenet":
             kwargs["image_score"] = args.image_score
+            kwargs["adaptor_init"] = args.adaptor_init
         if args.noise_std is not None:
             kwargs["noise_std"] = args.noise_std
         model = create_model(args.model, **kwargs)

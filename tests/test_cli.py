@@ -246,3 +246,21 @@ def test_compile_is_a_train_option_that_reaches_the_engine():
     assert _engine(parser.parse_args(["train", "--accelerator", "cpu"])).compile_heads is False
     with pytest.raises(SystemExit):  # training only: test and predict do not train
         parser.parse_args(["test", "--model-path", "x", "--compile"])
+
+
+def test_adaptor_init_reaches_the_model(monkeypatch, data_root, tmp_path):
+    import defectscope.models as models
+
+    built = []
+    real = models.create_model
+
+    def recording(name, **kwargs):
+        built.append(kwargs)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(models, "create_model", recording)
+    common = ["train", "--data", "mvtec", "--data-path", data_root, "--category", CATEGORY, "--image-size", 64,
+              "--epochs", 1, "--no-test", "--results-path", tmp_path, *FAST]
+    assert run_cli([*common, "--run-name", "a"]) == 0
+    assert run_cli([*common, "--run-name", "b", "--adaptor-init", "xavier"]) == 0
+    assert [kw["adaptor_init"] for kw in built] == ["orthogonal", "xavier"]

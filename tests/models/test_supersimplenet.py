@@ -443,3 +443,24 @@ def test_image_score_is_saved_with_the_model(make_ssn, tmp_path):
     model.save(tmp_path)
     loaded = SuperSimpleNet.load_from_path(tmp_path)
     assert loaded.image_score == "classifier" and not loaded.scores_by_map
+
+
+# ---- adaptor initialisation -----------------------------------------------------------------
+
+
+def test_adaptor_starts_orthogonal_so_no_feature_direction_is_squeezed_under_the_noise(random_ssn):
+    singular = torch.linalg.svdvals(random_ssn().adaptor.weight.detach().flatten(1))
+    torch.testing.assert_close(singular, torch.ones(CHANNELS), atol=1e-4, rtol=0)
+    # The reference's Xavier-normal square matrix shrinks some directions by orders of magnitude.
+    xavier = torch.linalg.svdvals(random_ssn(adaptor_init="xavier").adaptor.weight.detach().flatten(1))
+    assert xavier.min() < 0.05 * xavier.max()
+
+
+def test_adaptor_init_rejects_unknown_names_and_is_saved(random_ssn, make_ssn, tmp_path):
+    with pytest.raises(ValueError, match="orthogonal, xavier"):
+        random_ssn(adaptor_init="identity")
+    model = make_ssn(adaptor_init="xavier")
+    model.save(tmp_path)
+    loaded = SuperSimpleNet.load_from_path(tmp_path)
+    assert loaded.hparams["adaptor_init"] == "xavier"
+    torch.testing.assert_close(loaded.adaptor.weight, model.adaptor.weight)
