@@ -53,6 +53,8 @@ def run(cell: str, count: int, seed: int, results_path: str) -> dict:
     labels = [s.label for s in test]
     model = load_model(run_dir)
     out["regime"] = "unsupervised" if not model.supervised else "weakly"
+    # Runs from before adaptor_init existed used the Xavier start (their runs file was kept apart).
+    out["adaptor_init"] = model.hparams.get("adaptor_init", "xavier")
     for score in ("classifier", "map_max", "mean"):
         model.image_score = score
         out[f"auroc_{score}"] = float(roc_auc_score(labels, [model.predict(s.path)[0] for s in test]))
