@@ -56,6 +56,8 @@ def run(cell: str, count: int, seed: int, results_path: str) -> dict:
     # Runs from before adaptor_init existed used the Xavier start (their runs file was kept apart).
     out["adaptor_init"] = model.hparams.get("adaptor_init", "xavier")
     for score in ("classifier", "map_max", "mean"):
+        if score != "map_max" and getattr(model, "classifier_skipped", False):
+            continue  # unsupervised and scored by the map maximum: the classifier was not trained
         model.image_score = score
         out[f"auroc_{score}"] = float(roc_auc_score(labels, [model.predict(s.path)[0] for s in test]))
     return out

@@ -243,5 +243,9 @@ class AnomalyModel(nn.Module):
                 f"this model was trained with ({params.get('backbone_weights_source')}). Pass the same weights "
                 "file (weights=...) the model was trained with."
             )
+        self.load_params(params)
         self.eval()
         return self
+
+    def load_params(self, params: dict[str, Any]) -> None:
+        """Restore state kept in ``params.pkl`` beyond the constructor arguments (none here)."""

@@ -70,9 +70,12 @@ class SegmentationDetectionHead(nn.Module):
         self.cls_fc = nn.Linear(128 * 2 + 2, 1)
         self.apply(_init_weights)
 
-    def forward(self, seg_features: torch.Tensor, cls_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B,C,h,w]``, ``[B,C,h,w]`` -> map logits ``[B,1,h,w]``, score logits ``[B]``."""
+    def forward(self, seg_features: torch.Tensor, cls_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B,C,h,w]``, ``[B,C,h,w]`` -> map logits ``[B,1,h,w]``, score logits ``[B]``
+        (None without ``cls_features``: the classification head is skipped)."""
         ano_map = self.seg_head(seg_features)
+        if cls_features is None:
+            return ano_map, None
         map_in = ano_map.detach() if self.stop_grad else ano_map
         conv = self.cls_conv(torch.cat((cls_features, map_in), dim=1))
         pooled = torch.cat(
@@ -120,7 +123,7 @@ class SuperSimpleNet(AnomalyModel):
             smoothed anomaly map (the reference's evaluation reports it too, as "seg_score"); the
             classification head is then skipped at inference. ``"mean"``: the average of the two
             as probabilities. ``"auto"`` (default): ``map_max`` after unsupervised training,
-            ``mean`` after training with labelled defects. Why (benchmarks/results/elpv_labelled.md,
+            ``mean`` after training with labelled defects. Why (benchmarks/results/elpv_labelled_xavier_adaptor.md,
             ELPV, 3 epochs, 2 seeds; and a synthetic set): trained on synthetic noise only, the
             classification head learns to spot that noise rather than real defects (ELPV image
             AUROC 0.85 mono / 0.73 poly against 0.93 / 0.86 for the map maximum of the same
@@ -131,7 +134,7 @@ class SuperSimpleNet(AnomalyModel):
         supervised_grad_clip: gradient-norm clipping in the supervised regimes (None: off). The
             reference clips at 1 in its supervised runs (300 epochs); in short schedules it slows
             learning: ELPV mono with 10 weakly labelled cells, 3 epochs, image AUROC 0.879 with
-            clipping at 1 vs 0.909 without (benchmarks/results/elpv_labelled.md). Default off.
+            clipping at 1 vs 0.909 without (benchmarks/results/elpv_labelled_xavier_adaptor.md). Default off.
         adaptor_init: starting weights of the adaptor: ``"orthogonal"`` (default) or
             ``"xavier"`` (Xavier-normal, the reference's). The synthetic noise is isotropic
             after the adaptor, and a random Xavier square matrix has singular values down to
@@ -139,6 +142,14 @@ class SuperSimpleNet(AnomalyModel):
             noise; the adaptor barely moves in a short schedule, so its start stays.
             Orthogonal keeps every direction: ELPV, 3 epochs, seeds 0-2, map maximum, mono
             0.938 vs 0.928 and poly 0.874 vs 0.860 (benchmarks/results/noise_scale.md).
+        train_unused_classifier: train the classification head even when nothing uses it.
+            By default it is left out of training when its output cannot matter: unsupervised
+            training (the stop-gradient keeps it out of the map), the JIMS variant (it does not
+            see the adaptor's output) and the map maximum as image score. Then it changes no
+            other weight, so skipping it gives the same map and scores, bit for bit, and saves
+            its 5x5 convolution, the largest cost of a step. A model trained that way refuses
+            ``image_score="classifier"`` / ``"mean"`` (its head is untrained); set this to True,
+            or ask for that score before training, to have one.
         weights: path to backbone weights (else the packaged / cached ones are used).
         pretrained: False builds a random backbone (tests only).
     """
@@ -166,6 +177,7 @@ class SuperSimpleNet(AnomalyModel):
         supervised_grad_clip: float | None = None,
         image_score: str = "auto",
         adaptor_init: str = "orthogonal",
+        train_unused_classifier: bool = False,
         weights: str | None = None,
         pretrained: bool = True,
     ) -> None:
@@ -203,6 +215,7 @@ class SuperSimpleNet(AnomalyModel):
             supervised_grad_clip=supervised_grad_clip,
             image_score=image_score,
             adaptor_init=adaptor_init,
+            train_unused_classifier=train_unused_classifier,
         )
         self.lr_scale = lr_scale
         self.perlin_threshold = perlin_threshold
@@ -214,6 +227,9 @@ class SuperSimpleNet(AnomalyModel):
         # The reference stops gradients between the heads only when unsupervised.
         self.supervised_grad_clip = supervised_grad_clip
         self.image_score = image_score
+        self.train_unused_classifier = train_unused_classifier
+        # Set by training: True when the classification head was left out (saved in params.pkl).
+        self.classifier_skipped = False
         self.stop_grad = not supervised
         self.grad_clip = supervised_grad_clip if supervised else None
 
@@ -233,6 +249,12 @@ class SuperSimpleNet(AnomalyModel):
         # Channels-last (NHWC) convolutions: 1.1-1.7x faster heads in training and ~1.5x faster
         # inference on CPU, same results within float tolerance (benchmarks/results/ssn_profile.md).
         self.to(memory_format=torch.channels_last)
+
+    def params(self) -> dict:
+        return {**super().params(), "classifier_skipped": self.classifier_skipped}
+
+    def load_params(self, params: dict) -> None:
+        self.classifier_skipped = bool(params.get("classifier_skipped", False))
 
     # ---- features ---------------------------------------------------------------------
     @torch.no_grad()
@@ -278,7 +300,8 @@ class SuperSimpleNet(AnomalyModel):
                 except where synthetic anomalies were added). None: every mask is known.
 
         Returns:
-            map logits ``[2B,1,h,w]``, score logits ``[2B]``, target masks ``[2B,1,h,w]``,
+            map logits ``[2B,1,h,w]``, score logits ``[2B]`` (None when the classification
+            head is not trained, see :attr:`trains_classifier`), target masks ``[2B,1,h,w]``,
             target labels ``[2B]`` and the map positions that count in the segmentation loss
             ``[2B,1,h,w]`` (bool): the batch and a copy, each with its own Perlin noise.
         """
@@ -294,10 +317,10 @@ class SuperSimpleNet(AnomalyModel):
 
         # Duplicate the batch: each copy gets its own Perlin mask, so every image is seen
         # both clean and (about half the time) with synthetic anomalies.
-        adapted, feats = adapted.repeat(2, 1, 1, 1), feats.repeat(2, 1, 1, 1)
+        adapted = adapted.repeat(2, 1, 1, 1)
         masks, labels, known = masks.repeat(2, 1, 1, 1), labels.repeat(2), known.repeat(2)
         # Synthetic anomalies never overlap real ones.
-        noise_mask = (1 - masks) * perlin_masks(2 * b, h, w, self.perlin_threshold, device=feats.device)
+        noise_mask = (1 - masks) * perlin_masks(2 * b, h, w, self.perlin_threshold, device=adapted.device)
         noise = torch.randn_like(adapted) * self.noise_std * noise_mask
         masks = (masks + noise_mask).clamp_(max=1)
         labels = torch.maximum(labels, noise_mask.flatten(1).amax(dim=1))
@@ -305,11 +328,21 @@ class SuperSimpleNet(AnomalyModel):
         seg_valid = known[:, None, None, None] | (noise_mask > 0)
 
         seg_feats = adapted + noise
+        trains_classifier = self.trains_classifier
+        self.classifier_skipped = not trains_classifier
+        if not trains_classifier:
+            return *self.segdec(seg_feats, None), masks, labels, seg_valid
         # ICPR: both heads on adapted features. JIMS: classification on raw (standardised)
         # features with the same noise.
-        cls_feats = seg_feats if self.adapt_cls_features else feats + noise
+        cls_feats = seg_feats if self.adapt_cls_features else feats.repeat(2, 1, 1, 1) + noise
         map_logits, score_logits = self.segdec(seg_feats, cls_feats)
         return map_logits, score_logits, masks, labels, seg_valid
+
+    @property
+    def trains_classifier(self) -> bool:
+        """Whether training updates the classification head (see ``train_unused_classifier``)."""
+        unused = not self.supervised and not self.adapt_cls_features and self.resolved_image_score == "map_max"
+        return self.train_unused_classifier or not unused
 
     @staticmethod
     def downsample_mask(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -329,7 +362,7 @@ class SuperSimpleNet(AnomalyModel):
         seg_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Focal + truncated L1 on the map (over ``seg_valid`` positions; None: all), focal on
-        the score (gamma 4, no alpha)."""
+        the score (gamma 4, no alpha; left out when ``score_logits`` is None)."""
         if seg_valid is None or bool(seg_valid.all()):
             map_focal = sigmoid_focal_loss(map_logits, masks, alpha=-1, gamma=4.0, reduction="mean")
             map_l1 = truncated_l1(map_logits, masks)
@@ -337,6 +370,8 @@ class SuperSimpleNet(AnomalyModel):
             per_position = sigmoid_focal_loss(map_logits, masks, alpha=-1, gamma=4.0, reduction="none")
             map_focal = (per_position * seg_valid).sum() / seg_valid.sum().clamp_min(1)
             map_l1 = truncated_l1(map_logits[seg_valid], masks[seg_valid])
+        if score_logits is None:
+            return map_focal + map_l1
         score_focal = sigmoid_focal_loss(score_logits, labels, alpha=-1, gamma=4.0, reduction="mean")
         return map_focal + map_l1 + score_focal
 
@@ -384,6 +419,12 @@ class SuperSimpleNet(AnomalyModel):
         feats = self._standardize(features)
         adapted = self.adaptor(feats)
         kind = self.resolved_image_score
+        if kind != "map_max" and self.classifier_skipped:
+            raise ValueError(
+                f"image_score={kind!r} needs the classification head, but this model was trained without it "
+                "(unsupervised, scored by the map maximum). Use image_score='map_max', or train again with "
+                "train_unused_classifier=True (CLI: --image-score classifier or mean when training)."
+            )
         if kind == "map_max":
             # The classification head's output would be thrown away: skip its 5x5 conv.
             map_logits = self.segdec.seg_head(adapted)

@@ -194,5 +194,9 @@ def test_compiled_heads_train_the_same_model_as_eager(reference_run, splits, tmp
             # round-off can flip the step of a weight whose gradient is near zero: compare the
             # difference with how far training moved the tensor, not elementwise.
             trained = (value - initial[key]).norm()
+            if key.startswith(("segdec.cls_", "segdec.cls_conv")):
+                # Unsupervised and scored by the map maximum: the classifier is not trained.
+                assert trained == 0 and torch.equal(compiled[key], value), key
+                continue
             assert trained > 0, key
             assert (compiled[key] - value).norm() <= 0.02 * trained, key

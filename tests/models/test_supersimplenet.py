@@ -42,7 +42,7 @@ class _HeadInputs:
         self.handle = model.segdec.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
-        self.calls.append(tuple(a.detach().clone() for a in args))
+        self.calls.append(tuple(None if a is None else a.detach().clone() for a in args))
 
     def close(self):
         self.handle.remove()
@@ -112,7 +112,7 @@ def test_create_model_by_name(random_ssn):
 
 
 def test_training_forward_shapes_duplicate_the_batch(random_ssn):
-    model = random_ssn().train()
+    model = random_ssn(train_unused_classifier=True).train()
     features = _features(batch=3, size=8)
     map_logits, score_logits, masks, labels, _ = model.training_forward(features)
     assert map_logits.shape == (6, 1, 8, 8)
@@ -214,7 +214,7 @@ def test_classification_features_icpr_vs_jims(random_ssn, adapt_cls_features):
 
 @pytest.mark.parametrize("supervised", [False, True])
 def test_stop_grad_between_heads(random_ssn, supervised):
-    model = random_ssn(supervised=supervised).train()
+    model = random_ssn(supervised=supervised, train_unused_classifier=True).train()
     _, score_logits, _, labels, _ = model.training_forward(_features(batch=4, size=8))
     # Only the score loss: does its gradient reach the segmentation head?
     F.binary_cross_entropy_with_logits(score_logits, labels).backward()
@@ -464,3 +464,65 @@ def test_adaptor_init_rejects_unknown_names_and_is_saved(random_ssn, make_ssn, t
     loaded = SuperSimpleNet.load_from_path(tmp_path)
     assert loaded.hparams["adaptor_init"] == "xavier"
     torch.testing.assert_close(loaded.adaptor.weight, model.adaptor.weight)
+
+
+# ---- classifier left out of training when nothing uses it ------------------------------------
+
+
+def _train_steps(model, steps: int = 4) -> dict:
+    optimizer, _ = model.configure_optimizers(3)
+    model.fit_feature_statistics(_features(batch=8, size=8, seed=9))
+    model.train()
+    torch.manual_seed(11)
+    for step in range(steps):
+        loss = model.training_step(_features(batch=4, size=8, seed=step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.clone() for k, v in model.trained_state_dict().items()}
+
+
+def test_unused_classifier_is_skipped_without_changing_the_map_head(random_ssn):
+    skipped_model = random_ssn()
+    assert not skipped_model.trains_classifier
+    skipped = _train_steps(skipped_model)
+    trained_model = random_ssn(train_unused_classifier=True)
+    assert trained_model.trains_classifier
+    trained = _train_steps(trained_model)
+    for key, value in trained.items():
+        if key.startswith("segdec.cls_"):
+            # Left at its initial weights (the reference trains it; it would move).
+            assert torch.equal(skipped[key], random_ssn().trained_state_dict()[key]), key
+        else:
+            # Same seed, same batches: the adaptor and map head get the same updates.
+            torch.testing.assert_close(skipped[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.equal(trained[k], skipped[k]) for k in trained if k.startswith("segdec.cls_"))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    skipped_model.eval(), trained_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(skipped_model(images), trained_model(images), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", [dict(image_score="classifier"), dict(image_score="mean"),
+                                     dict(adapt_cls_features=True), dict(supervised=True)])
+def test_classifier_is_trained_whenever_its_output_matters(random_ssn, setting):
+    assert random_ssn(**setting).trains_classifier
+    model = random_ssn(**setting).train()
+    _, score_logits, _, _, _ = model.training_forward(_features(batch=2, size=8))
+    assert score_logits.shape == (4,)
+
+
+def test_a_skipped_classifier_refuses_classifier_scores_and_says_so_after_loading(make_ssn, tmp_path):
+    model = make_ssn()
+    model.fit_feature_statistics(_features(batch=2, size=2))
+    model.train()
+    model.training_step(_features(batch=2, size=2))
+    model.save(tmp_path)
+    loaded = SuperSimpleNet.load_from_path(tmp_path)
+    images = torch.randn(1, 3, 64, 64)
+    for candidate in (model, loaded):
+        candidate.eval()
+        candidate(images)  # the map maximum works
+        candidate.image_score = "classifier"
+        with pytest.raises(ValueError, match="train_unused_classifier=True"):
+            candidate(images)
