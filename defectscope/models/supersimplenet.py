@@ -141,12 +141,12 @@ class SuperSimpleNet(AnomalyModel):
             ~1e-3 (0.002 for Lite0's 152 channels), which hides feature directions under the
             noise; the adaptor barely moves in a short schedule, so its start stays.
             Orthogonal keeps every direction: ELPV, 3 epochs, seeds 0-2, map maximum, mono
-            0.938 vs 0.928 and poly 0.874 vs 0.860 (benchmarks/results/noise_scale.md).
+            0.936 vs 0.928 and poly 0.880 vs 0.861 (benchmarks/results/noise_scale.md).
         train_unused_classifier: train the classification head even when nothing uses it.
             By default it is left out of training when its output cannot matter: unsupervised
             training (the stop-gradient keeps it out of the map), the JIMS variant (it does not
             see the adaptor's output) and the map maximum as image score. Then it changes no
-            other weight, so skipping it gives the same map and scores, bit for bit, and saves
+            other weight, so skipping it gives the same map and scores (to round-off) and saves
             its 5x5 convolution, the largest cost of a step. A model trained that way refuses
             ``image_score="classifier"`` / ``"mean"`` (its head is untrained); set this to True,
             or ask for that score before training, to have one.
@@ -245,6 +245,7 @@ class SuperSimpleNet(AnomalyModel):
         else:
             _init_weights(self.adaptor)
         self.segdec = SegmentationDetectionHead(channels, stop_grad=self.stop_grad)
+        self._sync_classifier_trainable()
         self.smoothing = GaussianBlur2d(sigma=sigma)
         # Channels-last (NHWC) convolutions: 1.1-1.7x faster heads in training and ~1.5x faster
         # inference on CPU, same results within float tolerance (benchmarks/results/ssn_profile.md).
@@ -328,7 +329,7 @@ class SuperSimpleNet(AnomalyModel):
         seg_valid = known[:, None, None, None] | (noise_mask > 0)
 
         seg_feats = adapted + noise
-        trains_classifier = self.trains_classifier
+        trains_classifier = self._sync_classifier_trainable()
         self.classifier_skipped = not trains_classifier
         if not trains_classifier:
             return *self.segdec(seg_feats, None), masks, labels, seg_valid
@@ -387,6 +388,16 @@ class SuperSimpleNet(AnomalyModel):
         self.stop_grad = self.segdec.stop_grad = not supervised
         self.grad_clip = self.supervised_grad_clip if supervised else None
         self.hparams["supervised"] = supervised
+        self._sync_classifier_trainable()
+
+    def _sync_classifier_trainable(self) -> bool:
+        """Freeze the classification head while it is left out of training (DDP must know
+        before it wraps the model which parameters get no gradient); returns whether it trains."""
+        trains = self.trains_classifier
+        for module in (self.segdec.cls_conv, self.segdec.cls_fc):
+            for param in module.parameters():
+                param.requires_grad_(trains)
+        return trains
 
     def configure_optimizers(self, max_epochs: int):
         """AdamW (adaptor lr 1e-4; heads lr 2e-4, weight decay 1e-5) and MultiStepLR

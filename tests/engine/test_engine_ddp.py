@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     split = mvtec_split(root, "{category}")
     torch.manual_seed(0)
     model = SuperSimpleNet(backbone="efficientnet_lite0", image_size=64, upscale_factor=1)
-    engine = Engine(results_path=results, run_name="ddp", max_epochs=1, batch_size=4, accelerator="cpu",
+    engine = Engine(results_path=results, run_name="ddp", max_epochs=2, batch_size=4, accelerator="cpu",
                     devices=2, strategy="ddp", progress=False)
     engine.fit(model, split.train)
     metrics = engine.test(model, split.test, category="{category}", save_images=False)

@@ -284,7 +284,7 @@ def test_loss_decreases_on_a_fixed_batch(random_ssn):
 
 
 def test_optimiser_and_schedule_match_the_reference(random_ssn):
-    model = random_ssn()
+    model = random_ssn(train_unused_classifier=True)
     optimizer, scheduler = model.configure_optimizers(max_epochs=300)
     assert isinstance(optimizer, torch.optim.AdamW)
     adaptor_group, heads_group = optimizer.param_groups
@@ -485,6 +485,9 @@ def _train_steps(model, steps: int = 4) -> dict:
 def test_unused_classifier_is_skipped_without_changing_the_map_head(random_ssn):
     skipped_model = random_ssn()
     assert not skipped_model.trains_classifier
+    # Frozen, so that DDP knows before wrapping the model which parameters get no gradient.
+    assert not any(p.requires_grad for p in skipped_model.segdec.cls_conv.parameters())
+    assert all(p.requires_grad for p in skipped_model.segdec.seg_head.parameters())
     skipped = _train_steps(skipped_model)
     trained_model = random_ssn(train_unused_classifier=True)
     assert trained_model.trains_classifier
@@ -508,6 +511,7 @@ def test_unused_classifier_is_skipped_without_changing_the_map_head(random_ssn):
 def test_classifier_is_trained_whenever_its_output_matters(random_ssn, setting):
     assert random_ssn(**setting).trains_classifier
     model = random_ssn(**setting).train()
+    assert all(p.requires_grad for p in model.segdec.parameters())
     _, score_logits, _, _, _ = model.training_forward(_features(batch=2, size=8))
     assert score_logits.shape == (4,)
 
@@ -526,3 +530,16 @@ def test_a_skipped_classifier_refuses_classifier_scores_and_says_so_after_loadin
         candidate.image_score = "classifier"
         with pytest.raises(ValueError, match="train_unused_classifier=True"):
             candidate(images)
+
+
+def test_classifier_follows_the_regime_and_a_later_image_score(random_ssn):
+    model = random_ssn().train()
+    model.set_regime("weakly")
+    assert all(p.requires_grad for p in model.segdec.cls_fc.parameters())
+    model.set_regime("unsupervised")
+    assert not any(p.requires_grad for p in model.segdec.cls_fc.parameters())
+    model.image_score = "classifier"  # asked for after construction, before training
+    _, score_logits, _, labels, _ = model.training_forward(_features(batch=2, size=8))
+    F.binary_cross_entropy_with_logits(score_logits, labels).backward()
+    assert all(p.grad is not None for p in model.segdec.cls_fc.parameters())
+    assert not model.classifier_skipped
