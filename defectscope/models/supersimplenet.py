@@ -34,6 +34,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from defectscope.models.base import AnomalyModel
 from defectscope.models.common import FeatureStandardizer, GaussianBlur2d, perlin_masks, upscale_and_concat
+from defectscope.models.fused_head import bn_mlp_train_forward, bn_mlp_train_forward_copies, scatter_rows, supports_fused
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -55,6 +56,9 @@ class SegmentationDetectionHead(nn.Module):
     def __init__(self, channels: int, stop_grad: bool = True, hidden: int = 1024) -> None:
         super().__init__()
         self.stop_grad = stop_grad
+        # Training runs the segmentation head through fused_head.py where it applies (same
+        # function, fewer passes over memory); False runs the plain modules (tests compare both).
+        self.fused = True
         self.seg_head = nn.Sequential(
             nn.Conv2d(channels, hidden, kernel_size=1),
             nn.BatchNorm2d(hidden),
@@ -73,7 +77,11 @@ class SegmentationDetectionHead(nn.Module):
     def forward(self, seg_features: torch.Tensor, cls_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B,C,h,w]``, ``[B,C,h,w]`` -> map logits ``[B,1,h,w]``, score logits ``[B]``
         (None without ``cls_features``: the classification head is skipped)."""
-        ano_map = self.seg_head(seg_features)
+        if self.fused and supports_fused(self.seg_head, seg_features):
+            # Same function, fewer passes over the [positions, 1024] hidden layer (fused_head.py).
+            ano_map = bn_mlp_train_forward(self.seg_head, seg_features)
+        else:
+            ano_map = self.seg_head(seg_features)
         if cls_features is None:
             return ano_map, None
         map_in = ano_map.detach() if self.stop_grad else ano_map
@@ -307,7 +315,7 @@ class SuperSimpleNet(AnomalyModel):
             ``[2B,1,h,w]`` (bool): the batch and a copy, each with its own Perlin noise.
         """
         feats = self._standardize(features)
-        b, _, h, w = feats.shape
+        b, c, h, w = feats.shape
         if masks is None:
             masks = feats.new_zeros(b, 1, h, w)
         else:
@@ -318,24 +326,32 @@ class SuperSimpleNet(AnomalyModel):
 
         # Duplicate the batch: each copy gets its own Perlin mask, so every image is seen
         # both clean and (about half the time) with synthetic anomalies.
-        adapted = adapted.repeat(2, 1, 1, 1)
         masks, labels, known = masks.repeat(2, 1, 1, 1), labels.repeat(2), known.repeat(2)
         # Synthetic anomalies never overlap real ones.
         noise_mask = (1 - masks) * perlin_masks(2 * b, h, w, self.perlin_threshold, device=adapted.device)
-        noise = torch.randn_like(adapted) * self.noise_std * noise_mask
+        # The noise exists only inside the masks: channel vectors noise_rows [K,C] at the
+        # positions noise_index of the duplicated batch (batch, row, column order).
+        noise_index = noise_mask.reshape(-1).nonzero().squeeze(1)
+        noise_rows = torch.randn(len(noise_index), c, device=adapted.device, dtype=adapted.dtype) * self.noise_std
         masks = (masks + noise_mask).clamp_(max=1)
         labels = torch.maximum(labels, noise_mask.flatten(1).amax(dim=1))
         # Where a weakly labelled defect lies is unknown; only its synthetic anomalies are.
         seg_valid = known[:, None, None, None] | (noise_mask > 0)
 
-        seg_feats = adapted + noise
         trains_classifier = self._sync_classifier_trainable()
         self.classifier_skipped = not trains_classifier
+        if not trains_classifier and self.segdec.fused and supports_fused(self.segdec.seg_head, adapted):
+            # The map head alone on the two copies without building them: same result,
+            # ~2.4x faster at a 64x64 map on CPU (fused_head.py, benchmarks/results/ssn_profile.md).
+            map_logits = bn_mlp_train_forward_copies(self.segdec.seg_head, adapted, noise_rows, noise_index, copies=2)
+            return map_logits, None, masks, labels, seg_valid
+        noise = scatter_rows(noise_rows, noise_index, (2 * b, c, h, w))
+        seg_feats = torch.cat((adapted, adapted)) + noise
         if not trains_classifier:
             return *self.segdec(seg_feats, None), masks, labels, seg_valid
         # ICPR: both heads on adapted features. JIMS: classification on raw (standardised)
         # features with the same noise.
-        cls_feats = seg_feats if self.adapt_cls_features else feats.repeat(2, 1, 1, 1) + noise
+        cls_feats = seg_feats if self.adapt_cls_features else torch.cat((feats, feats)) + noise
         map_logits, score_logits = self.segdec(seg_feats, cls_feats)
         return map_logits, score_logits, masks, labels, seg_valid
 

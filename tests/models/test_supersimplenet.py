@@ -133,6 +133,9 @@ def test_labels_are_one_exactly_where_the_noise_mask_is_non_empty(random_ssn):
 
 def test_noise_is_added_only_inside_the_masks(random_ssn):
     model = random_ssn().train()
+    # The plain path builds the noisy copies and hands them to the head (the fused path, which
+    # never builds them, is checked against it in test_fused_training_matches_the_modules).
+    model.segdec.fused = False
     features = _features(batch=6, size=8)
     heads = _HeadInputs(model)
     torch.manual_seed(4)
@@ -470,6 +473,10 @@ def test_adaptor_init_rejects_unknown_names_and_is_saved(random_ssn, make_ssn, t
 
 
 def _train_steps(model, steps: int = 4) -> dict:
+    # The plain modules in both models: the fused paths round differently, and AdamW turns
+    # round-off in gradients that are zero in exact arithmetic (biases before a batch norm)
+    # into full-size steps. test_fused_training_matches_the_modules compares the paths.
+    model.segdec.fused = False
     optimizer, _ = model.configure_optimizers(3)
     model.fit_feature_statistics(_features(batch=8, size=8, seed=9))
     model.train()
@@ -544,3 +551,32 @@ def test_classifier_follows_the_regime_and_a_later_image_score(random_ssn):
     F.binary_cross_entropy_with_logits(score_logits, labels).backward()
     assert all(p.grad is not None for p in model.segdec.cls_fc.parameters())
     assert not model.classifier_skipped
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(image_score="classifier"), dict(supervised=True)])
+def test_fused_training_matches_the_modules(random_ssn, setting):
+    """The fused segmentation head (fused_head.py; the copies form when the classifier is
+    skipped) gives the loss and gradients of the plain modules, from the same noise."""
+    features = _features(batch=4, size=8, seed=1)
+    masks = torch.zeros(4, 1, 64, 64)
+    masks[1, :, 8:40, 16:48] = 1
+    labels = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    extra = (masks, labels) if setting.get("supervised") else ()
+    results = []
+    for fused in (True, False):
+        model = random_ssn(**setting).train()
+        model.fit_feature_statistics(_features(batch=8, size=8, seed=9))
+        model.segdec.fused = fused
+        torch.manual_seed(7)
+        loss = model.training_step(features, *extra)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, model.segdec.seg_head[1].running_var.clone()))
+    (loss_f, grads_f, var_f), (loss_m, grads_m, var_m) = results
+    torch.testing.assert_close(loss_f, loss_m, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var_f, var_m, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_m.keys()
+    scale = max(g.abs().max().item() for g in grads_m.values())
+    for name, grad in grads_m.items():
+        # Biases before a batch norm have zero gradient in exact arithmetic: round-off only.
+        torch.testing.assert_close(grads_f[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
