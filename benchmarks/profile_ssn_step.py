@@ -6,8 +6,9 @@ Times one step of batch 8 at 256x256 on the packaged EfficientNet-Lite0 (blocks.
 split into data loading (decode + resize + normalise 8 ELPV cells), the frozen backbone, Perlin
 masks, and the heads' forward + backward + optimiser step; for feature maps of 32x32
 (upscale_factor 1, our default) and 64x64 (2, the reference). Then compares head variants
-(float32, channels-last memory format, bfloat16 autocast) side by side and checks that each
-gives the same loss and gradients within tolerance. Writes benchmarks/results/ssn_profile.md.
+(float32 modules, channels-last memory format, the fused map head of models/fused_head.py,
+bfloat16 autocast) side by side and checks that each gives the same loss and gradients as the
+first within tolerance. Writes benchmarks/results/ssn_profile.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from defectscope.models import SuperSimpleNet
 from defectscope.models.common import perlin_masks
 
 BATCH = 8
-VARIANTS = (("NCHW float32 (before)", {}), ("channels-last float32 (default)", {"channels_last": True}), ("bfloat16 autocast (NCHW weights)", {"bf16": True}))
+VARIANTS = (
+    ("NCHW float32 modules", {"fused": False}),
+    ("channels-last float32 modules", {"channels_last": True, "fused": False}),
+    ("channels-last float32 fused map head (default)", {"channels_last": True}),
+    ("bfloat16 autocast (NCHW weights, modules)", {"bf16": True, "fused": False}),
+)
 
 
 def timeit(fn, reps: int) -> float:
@@ -40,7 +46,8 @@ def timeit(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def heads_step(model, optimizer, features, channels_last=False, bf16=False):
+def heads_step(model, optimizer, features, channels_last=False, bf16=False, fused=True):
+    model.segdec.fused = fused
     if channels_last:
         features = features.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -105,7 +112,8 @@ def main() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kw.get("bf16", False)):
                 loss = model.training_step(x)
             loss.backward()
-            return loss.item(), torch.cat([p.grad.flatten() for p in model.segdec.parameters()])
+            # The classification head gets no gradient when it is left out of training.
+            return loss.item(), torch.cat([p.grad.flatten() for p in model.segdec.parameters() if p.grad is not None])
 
         import copy
 
@@ -115,6 +123,7 @@ def main() -> None:
             model.load_state_dict(snapshot)
             if kw.get("channels_last"):
                 model.to(memory_format=torch.channels_last)
+            model.segdec.fused = kw.get("fused", True)
             checks[name] = loss_and_grads(**kw)
             model.to(memory_format=torch.contiguous_format)
         ref_loss, ref_grad = checks[VARIANTS[0][0]]
@@ -122,6 +131,7 @@ def main() -> None:
             model.load_state_dict(snapshot)
             if kw.get("channels_last"):
                 model.to(memory_format=torch.channels_last)
+            model.segdec.fused = kw.get("fused", True)
             t = timeit(lambda: heads_step(model, optimizer, features, **kw), args.reps)
             loss, grad = checks[name]
             rel = (grad - ref_grad).norm().item() / ref_grad.norm().item()
@@ -133,8 +143,12 @@ def main() -> None:
         lines.append(f"| {name} | {' | '.join(values)} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Keep the sections other scripts wrote below the table (inference variants).
+    old = out.read_text() if out.exists() else ""
+    rest = old[old.index("\n## ") :] if "\n## " in old else ""
+    out.write_text(text + rest)
 
 
 if __name__ == "__main__":
