@@ -84,7 +84,7 @@ def floor_forward(model, images):
     feats = model._standardize(model.extract_features(images))
     adapted = model.adaptor(feats)
     if model.scores_by_map:  # the map maximum is the score: no classification head
-        return model.segdec.seg_head(adapted)
+        return model.segdec.segment(adapted)
     return model.segdec(adapted, adapted if model.adapt_cls_features else feats)
 
 

@@ -75,20 +75,18 @@ class _LeakyMLP(torch.autograd.Function):
 
 
 def supports_fused(head: nn.Sequential, features: torch.Tensor) -> bool:
-    """Whether :func:`bn_mlp_train_forward` applies: a training-mode head of the expected layers
-    on a float32 CPU tensor, without autocast or torch.compile (elsewhere the plain modules run;
-    the fused path's gain is measured on CPU only)."""
+    """Whether the fused forwards apply to ``head`` and ``features``: the expected layers, a
+    float32 CPU tensor, no autocast, compiler or tracer (elsewhere the plain modules run; the
+    fused paths' gain is measured on CPU only). In training mode the batch norm must keep
+    running statistics with a momentum; in eval mode it must have running statistics."""
     if len(head) != 4:
         return False
     conv1, bn, act, conv2 = head
-    return (
+    if not (
         isinstance(conv1, nn.Conv2d)
         and conv1.kernel_size == (1, 1)
         and isinstance(bn, nn.BatchNorm2d)
-        and bn.training
         and bn.affine
-        and bn.track_running_stats
-        and bn.momentum is not None
         and isinstance(act, nn.LeakyReLU)
         and isinstance(conv2, nn.Conv2d)
         and conv2.kernel_size == (1, 1)
@@ -97,15 +95,62 @@ def supports_fused(head: nn.Sequential, features: torch.Tensor) -> bool:
         and features.dtype == torch.float32
         and conv1.weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        # Under torch.compile the compiler fuses the plain modules itself.
+        # The compiler fuses the plain modules itself; a tracer must see them.
         and not torch.compiler.is_compiling()
-    )
+        and not torch.jit.is_tracing()
+    ):
+        return False
+    if bn.training:
+        return bn.track_running_stats and bn.momentum is not None
+    return bn.running_mean is not None and bn.running_var is not None
+
+
+def bn_mlp_eval_forward(head: nn.Sequential, features: torch.Tensor, block: int = BLOCK_ROWS) -> torch.Tensor:
+    """Eval-mode forward of ``head`` (see :func:`bn_mlp_train_forward`) on ``features [B,C,h,w]`` ->
+    logits ``[B,1,h,w]``: the batch norm's fixed affine map folded into the first layer, and the
+    hidden layer computed one row block at a time, so it never exists whole (at a 64x64 map and
+    batch 32 it would take 512 MiB). Differentiable when gradients are on."""
+    conv1, bn, act, conv2 = head
+    b, c, h, w = features.shape
+    rows = features.permute(0, 2, 3, 1).reshape(-1, c)
+    weight = conv1.weight.reshape(conv1.out_channels, c)
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.running_mean if conv1.bias is None else bn.running_mean - conv1.bias
+    folded_weight = weight * scale[:, None]
+    folded_bias = bn.bias - scale * shift
+    proj = conv2.weight.reshape(-1)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, folded_weight, folded_bias, proj)):
+        out = _LeakyMLP.apply(rows, folded_weight, folded_bias, proj, act.negative_slope, block)
+    else:
+        out = rows.new_empty(rows.shape[0])
+        buffer = rows.new_empty(min(block, rows.shape[0]), conv1.out_channels)
+        weight_t = folded_weight.t()
+        for start in range(0, rows.shape[0], block):
+            part = slice(start, start + block)
+            hidden = buffer[: len(out[part])]
+            torch.addmm(folded_bias, rows[part], weight_t, out=hidden)
+            torch.nn.functional.leaky_relu_(hidden, act.negative_slope)
+            torch.mv(hidden, proj, out=out[part])
+    if conv2.bias is not None:
+        out = out + conv2.bias
+    return out.reshape(b, h, w, 1).permute(0, 3, 1, 2)
+
+
+def bn_mlp_forward(head: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
+    """``head(features)`` through the fused forward of the head's mode where it applies
+    (:func:`supports_fused`), else through the modules."""
+    if not supports_fused(head, features):
+        return head(features)
+    if head[1].training:
+        return bn_mlp_train_forward(head, features)
+    return bn_mlp_eval_forward(head, features)
 
 
 def bn_mlp_train_forward(head: nn.Sequential, features: torch.Tensor, block: int = BLOCK_ROWS) -> torch.Tensor:
     """Training-mode forward of ``head`` (Conv2d 1x1 -> BatchNorm2d -> LeakyReLU -> Conv2d 1x1 to
     one channel) on ``features [B,C,h,w]`` -> logits ``[B,1,h,w]``, as ``head(features)`` gives,
-    including the update of the batch norm's running statistics. Check :func:`supports_fused` first.
+    including the update of the batch norm's running statistics. Check :func:`supports_fused` first
+    (or call :func:`bn_mlp_forward`).
     """
     conv1, bn, act, conv2 = head
     b, c, h, w = features.shape

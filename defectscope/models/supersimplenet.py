@@ -34,7 +34,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from defectscope.models.base import AnomalyModel
 from defectscope.models.common import FeatureStandardizer, GaussianBlur2d, perlin_masks, upscale_and_concat
-from defectscope.models.fused_head import bn_mlp_train_forward, bn_mlp_train_forward_copies, scatter_rows, supports_fused
+from defectscope.models.fused_head import bn_mlp_forward, bn_mlp_train_forward_copies, scatter_rows, supports_fused
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -56,8 +56,8 @@ class SegmentationDetectionHead(nn.Module):
     def __init__(self, channels: int, stop_grad: bool = True, hidden: int = 1024) -> None:
         super().__init__()
         self.stop_grad = stop_grad
-        # Training runs the segmentation head through fused_head.py where it applies (same
-        # function, fewer passes over memory); False runs the plain modules (tests compare both).
+        # The segmentation head runs through fused_head.py where it applies (same function,
+        # fewer passes over memory); False runs the plain modules (tests compare both).
         self.fused = True
         self.seg_head = nn.Sequential(
             nn.Conv2d(channels, hidden, kernel_size=1),
@@ -77,11 +77,7 @@ class SegmentationDetectionHead(nn.Module):
     def forward(self, seg_features: torch.Tensor, cls_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B,C,h,w]``, ``[B,C,h,w]`` -> map logits ``[B,1,h,w]``, score logits ``[B]``
         (None without ``cls_features``: the classification head is skipped)."""
-        if self.fused and supports_fused(self.seg_head, seg_features):
-            # Same function, fewer passes over the [positions, 1024] hidden layer (fused_head.py).
-            ano_map = bn_mlp_train_forward(self.seg_head, seg_features)
-        else:
-            ano_map = self.seg_head(seg_features)
+        ano_map = self.segment(seg_features)
         if cls_features is None:
             return ano_map, None
         map_in = ano_map.detach() if self.stop_grad else ano_map
@@ -96,6 +92,12 @@ class SegmentationDetectionHead(nn.Module):
             dim=1,
         )
         return ano_map, self.cls_fc(pooled).reshape(-1)
+
+    def segment(self, seg_features: torch.Tensor) -> torch.Tensor:
+        """The segmentation head alone: ``[B,C,h,w]`` -> map logits ``[B,1,h,w]``; through the
+        fused forward where it applies (same function, fewer passes over the [positions, 1024]
+        hidden layer, which in eval mode never exists whole; fused_head.py)."""
+        return bn_mlp_forward(self.seg_head, seg_features) if self.fused else self.seg_head(seg_features)
 
 
 class SuperSimpleNet(AnomalyModel):
@@ -454,7 +456,7 @@ class SuperSimpleNet(AnomalyModel):
             )
         if kind == "map_max":
             # The classification head's output would be thrown away: skip its 5x5 conv.
-            map_logits = self.segdec.seg_head(adapted)
+            map_logits = self.segdec.segment(adapted)
         else:
             cls_feats = adapted if self.adapt_cls_features else feats
             map_logits, score_logits = self.segdec(adapted, cls_feats)

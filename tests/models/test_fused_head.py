@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from defectscope.models.fused_head import (
+    bn_mlp_eval_forward,
+    bn_mlp_forward,
     bn_mlp_train_forward,
     bn_mlp_train_forward_copies,
     scatter_rows,
@@ -119,10 +121,54 @@ def test_copies_forward_without_a_first_bias():
     _assert_close_to_reference(fast, ref)
 
 
+def _trained_eval_head(bias: bool = True) -> nn.Sequential:
+    head = _head(bias=bias)
+    with torch.no_grad():  # running statistics away from their start
+        for seed in range(3):
+            head(_clean(seed=seed))
+    return head.eval()
+
+
+@pytest.mark.parametrize("block", [5, 1024])
+@pytest.mark.parametrize("bias", [True, False])
+def test_eval_forward_matches_the_modules(block, bias):
+    head = _trained_eval_head(bias)
+    x = _clean(seed=7)
+    with torch.no_grad():
+        reference = copy.deepcopy(head).double()(x.double())
+        fused = bn_mlp_eval_forward(head, x, block=block)
+        plain = head(x)
+    assert fused.shape == plain.shape == (3, 1, 7, 7)
+    tol = 1e-5 * reference.abs().max().item()
+    torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=tol)
+    torch.testing.assert_close(plain.double(), reference, rtol=1e-5, atol=tol)
+
+
+def test_eval_forward_is_differentiable_when_gradients_are_on():
+    head, x = _trained_eval_head(), _clean(seed=7)
+    target = torch.rand(3, 1, 7, 7, generator=torch.Generator().manual_seed(2))
+    reference = _run(lambda h, v: h(v), copy.deepcopy(head).double(), x.double(), target)
+    fused = _run(lambda h, v: bn_mlp_eval_forward(h, v, block=16), head, x, target)
+    _assert_close_to_reference(fused, reference)
+
+
+def test_bn_mlp_forward_follows_the_mode_and_falls_back():
+    x = _clean(seed=7)
+    head = _trained_eval_head()
+    with torch.no_grad():
+        torch.testing.assert_close(bn_mlp_forward(head, x), head(x), rtol=1e-4, atol=1e-5)
+        head64 = copy.deepcopy(head).double()  # float64: not supported, so the modules run
+        torch.testing.assert_close(bn_mlp_forward(head64, x.double()), head64(x.double()), rtol=0, atol=0)
+    head = _head()
+    before = head[1].num_batches_tracked.item()
+    bn_mlp_forward(head, x)  # training mode: batch statistics, running statistics updated
+    assert head[1].num_batches_tracked.item() == before + 1
+
+
 def test_supports_fused_only_where_measured():
     head, x = _head(), _clean()
     assert supports_fused(head, x)
-    assert not supports_fused(head.eval(), x)  # inference: batch norm is a fixed affine map
+    assert supports_fused(head.eval(), x)
     head.train()
     assert not supports_fused(head, x.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -132,3 +178,5 @@ def test_supports_fused_only_where_measured():
     no_stats = copy.deepcopy(head)
     no_stats[1].track_running_stats = False
     assert not supports_fused(no_stats, x)
+    no_stats[1].running_mean = no_stats[1].running_var = None
+    assert not supports_fused(no_stats.eval(), x)  # eval with batch statistics: the modules

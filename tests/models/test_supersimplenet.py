@@ -580,3 +580,22 @@ def test_fused_training_matches_the_modules(random_ssn, setting):
     for name, grad in grads_m.items():
         # Biases before a batch norm have zero gradient in exact arithmetic: round-off only.
         torch.testing.assert_close(grads_f[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("image_score", ["map_max", "classifier"])
+def test_fused_inference_matches_the_modules(random_ssn, image_score):
+    model = random_ssn(image_score=image_score, train_unused_classifier=True)
+    model.fit_feature_statistics(_features(batch=8, size=8, seed=9))
+    model.train()
+    with torch.no_grad():  # running statistics away from their start
+        model.training_forward(_features(batch=4, size=8, seed=2))
+    model.eval()
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    outputs = []
+    for fused in (True, False):
+        model.segdec.fused = fused
+        with torch.no_grad():
+            outputs.append(model(images))
+    (maps_f, scores_f), (maps_m, scores_m) = outputs
+    torch.testing.assert_close(maps_f, maps_m, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores_f, scores_m, rtol=1e-5, atol=1e-6)
