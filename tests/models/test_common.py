@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from defectscope.models import common
 from defectscope.models.common import (
     FeatureStandardizer,
     GaussianBlur2d,
@@ -172,8 +173,17 @@ def test_perlin_mask_coverage_matches_reference_distribution():
 # Gaussian smoothing
 
 
+@pytest.fixture(params=["matmul", "conv"])
+def blur_path(request, monkeypatch):
+    """Run a smoothing test through the banded-matrix products (maps up to
+    MATMUL_BLUR_MAX_SIZE on CPU) and through the convolutions (larger maps, GPU)."""
+    if request.param == "conv":
+        monkeypatch.setattr(common, "MATMUL_BLUR_MAX_SIZE", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("sigma", [1.5, 4.0])
-def test_gaussian_blur_matches_scipy_away_from_borders(sigma):
+def test_gaussian_blur_matches_scipy_away_from_borders(sigma, blur_path):
     blur = GaussianBlur2d(sigma=sigma)
     radius = blur.kernel_size // 2
     assert blur.kernel_size == 2 * math.ceil(3 * sigma) + 1
@@ -192,12 +202,21 @@ def test_gaussian_blur_matches_scipy_away_from_borders(sigma):
     np.testing.assert_allclose(ours, mirror, atol=1e-5)
 
 
-def test_gaussian_blur_small_map_replicates_edges():
+def test_gaussian_blur_small_map_replicates_edges(blur_path):
     # Smaller than the kernel radius: reflect padding is impossible, edges are replicated.
     blur = GaussianBlur2d(sigma=4.0)
     maps = torch.rand(1, 1, 9, 11, generator=torch.Generator().manual_seed(1))
     reference = ndimage.gaussian_filter(maps[0, 0].double().numpy(), sigma=4.0, mode="nearest", truncate=12 / 4.0)
     np.testing.assert_allclose(blur(maps)[0, 0].numpy(), reference, atol=1e-5)
+
+
+def test_gaussian_blur_paths_agree_on_a_model_sized_map(monkeypatch):
+    blur = GaussianBlur2d(sigma=4.0)
+    maps = torch.randn(3, 1, 256, 200, generator=torch.Generator().manual_seed(2))
+    fast = blur(maps)
+    monkeypatch.setattr(common, "MATMUL_BLUR_MAX_SIZE", 0)
+    torch.testing.assert_close(fast, blur(maps), rtol=1e-5, atol=1e-6)
+    assert len(blur._matrices) == 2  # one matrix per side length, built once
 
 
 def test_gaussian_blur_rejects_bad_sigma():
