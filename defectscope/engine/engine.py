@@ -54,9 +54,10 @@ class Engine:
             halving their memory (features rounded to float16).
         resume: continue from ``models/0/last.ckpt`` when the run folder has one.
         compile_heads: ``torch.compile`` the trainable modules (not the frozen backbone) before
-            training. Same results within float round-off; on 2 idle CPU cores a training step
-            is 1.12-1.13x faster, after 5-16 s of compiling (benchmarks/results/compile_idle.md),
-            so it pays in long runs only. Needs a C++ compiler on CPU.
+            training. Same results within float round-off. On CPU it gains nothing for
+            SuperSimpleNet since its fused map head (models/fused_head.py), which runs eagerly
+            either way: 0.99-1.02x per step on 2 idle cores (benchmarks/results/compile_idle.md;
+            1.12-1.13x before the fused head). Needs a C++ compiler on CPU.
         on_epoch_end: optional ``callback(epoch, loss)`` after each epoch's checkpoint.
     """
 
