@@ -1,7 +1,6 @@
-"""Fast training forward for the per-position MLP head ``1x1 conv -> BatchNorm -> LeakyReLU -> 1x1 conv``.
+"""Fast forwards for the per-position MLP head ``1x1 conv -> BatchNorm -> LeakyReLU -> 1x1 conv``.
 
-SuperSimpleNet's segmentation head (and SimpleNet's discriminator) is this MLP applied at every
-feature-map position: ``[M, C]`` rows (M = batch x positions, C ~ 150) to a ``[M, H]`` hidden layer
+SuperSimpleNet's segmentation head is this MLP applied at every feature-map position: ``[M, C]`` rows (M = batch x positions, C ~ 150) to a ``[M, H]`` hidden layer
 (H = 1024) and back to one logit per row. In training mode the plain modules make about a dozen
 full passes over the ``[M, H]`` tensor besides the two matrix products (batch-norm statistics,
 normalisation, activation, and their backward passes), and at a 64x64 map those passes cost as
@@ -18,6 +17,10 @@ much as the arithmetic on a CPU (benchmarks/results/ssn_profile.md).
   updates them.
 * The remaining ``leaky_relu(x W'^T + b') w2`` runs in blocks of rows that stay in cache, forward
   and backward (:class:`_LeakyMLP`), and keeps only the activations for the backward pass.
+* :func:`bn_mlp_train_forward_copies`: SuperSimpleNet's stacked noisy copies of one batch share
+  the product with the clean features (:class:`_LeakyMLPCopies`).
+* :func:`bn_mlp_eval_forward`: in eval mode the batch norm is a fixed affine map, folded the same
+  way, and the hidden layer is computed a block at a time, never whole.
 
 The result equals the modules' output to float round-off (tests/models/test_fused_head.py).
 """
