@@ -108,19 +108,56 @@ def supports_fused(head: nn.Sequential, features: torch.Tensor) -> bool:
     return bn.running_mean is not None and bn.running_var is not None
 
 
+def _rows(features: torch.Tensor) -> torch.Tensor:
+    """``[B,C,h,w]`` -> NHWC rows ``[B*h*w, C]``; a view when the features are channels-last (the
+    models keep them so)."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+def _fold(conv1: nn.Conv2d, bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``[H,C]`` and bias ``[H]`` of ``bn(conv1(x))`` as one affine map, for a batch norm that
+    normalises with ``mean`` and ``var`` (of ``z = W x + b``, per hidden channel)."""
+    weight = conv1.weight.reshape(conv1.out_channels, -1)
+    scale = bn.weight * torch.rsqrt(var + bn.eps)
+    # With the conv bias written out (it cancels against the one inside ``mean``) so that in
+    # training it gets its zero gradient as with the modules: a parameter left out of the
+    # graph would stop DistributedDataParallel.
+    shift = mean if conv1.bias is None else mean - conv1.bias
+    return weight * scale[:, None], bn.bias - scale * shift
+
+
+def _fold_batch_statistics(
+    conv1: nn.Conv2d, bn: nn.BatchNorm2d, mean: torch.Tensor, cov: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_fold` for training mode, from the mean ``[C]`` and (biased) covariance ``[C,C]`` of
+    ``count`` input rows; updates the running statistics as batch norm does."""
+    weight = conv1.weight.reshape(conv1.out_channels, -1)
+    # Batch statistics of z = W x + b: mean W mean(x) + b, variance w_j^T cov(x) w_j.
+    batch_mean = weight @ mean if conv1.bias is None else weight @ mean + conv1.bias
+    var = ((weight @ cov) * weight).sum(dim=1)
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        bn.running_mean.lerp_(batch_mean, bn.momentum)
+        bn.running_var.lerp_(var * (count / max(count - 1, 1)), bn.momentum)
+    return _fold(conv1, bn, batch_mean, var)
+
+
+def _to_map(out: torch.Tensor, conv2: nn.Conv2d, batch: int, h: int, w: int) -> torch.Tensor:
+    """Per-row logits ``[batch*h*w]`` -> ``[batch,1,h,w]``, with the projection's bias if any."""
+    if conv2.bias is not None:
+        out = out + conv2.bias
+    return out.reshape(batch, h, w, 1).permute(0, 3, 1, 2)
+
+
 def bn_mlp_eval_forward(head: nn.Sequential, features: torch.Tensor, block: int = BLOCK_ROWS) -> torch.Tensor:
     """Eval-mode forward of ``head`` (see :func:`bn_mlp_train_forward`) on ``features [B,C,h,w]`` ->
     logits ``[B,1,h,w]``: the batch norm's fixed affine map folded into the first layer, and the
     hidden layer computed one row block at a time, so it never exists whole (at a 64x64 map and
     batch 32 it would take 512 MiB). Differentiable when gradients are on."""
     conv1, bn, act, conv2 = head
-    b, c, h, w = features.shape
-    rows = features.permute(0, 2, 3, 1).reshape(-1, c)
-    weight = conv1.weight.reshape(conv1.out_channels, c)
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    shift = bn.running_mean if conv1.bias is None else bn.running_mean - conv1.bias
-    folded_weight = weight * scale[:, None]
-    folded_bias = bn.bias - scale * shift
+    b, _, h, w = features.shape
+    rows = _rows(features)
+    folded_weight, folded_bias = _fold(conv1, bn, bn.running_mean, bn.running_var)
     proj = conv2.weight.reshape(-1)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, folded_weight, folded_bias, proj)):
         out = _LeakyMLP.apply(rows, folded_weight, folded_bias, proj, act.negative_slope, block)
@@ -134,9 +171,7 @@ def bn_mlp_eval_forward(head: nn.Sequential, features: torch.Tensor, block: int 
             torch.addmm(folded_bias, rows[part], weight_t, out=hidden)
             torch.nn.functional.leaky_relu_(hidden, act.negative_slope)
             torch.mv(hidden, proj, out=out[part])
-    if conv2.bias is not None:
-        out = out + conv2.bias
-    return out.reshape(b, h, w, 1).permute(0, 3, 1, 2)
+    return _to_map(out, conv2, b, h, w)
 
 
 def bn_mlp_forward(head: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
@@ -156,35 +191,14 @@ def bn_mlp_train_forward(head: nn.Sequential, features: torch.Tensor, block: int
     (or call :func:`bn_mlp_forward`).
     """
     conv1, bn, act, conv2 = head
-    b, c, h, w = features.shape
-    # NHWC rows; a view when the features are channels-last (the models keep them so).
-    rows = features.permute(0, 2, 3, 1).reshape(-1, c)
-    n = rows.shape[0]
-    weight = conv1.weight.reshape(conv1.out_channels, c)
+    b, _, h, w = features.shape
+    rows = _rows(features)
     mean = rows.mean(dim=0)
     centered = rows - mean
-    cov = centered.t() @ centered / n
-    # Batch statistics of z = W x + b (b shifts the mean and cancels in the normalisation).
-    w_mean = weight @ mean
-    var = ((weight @ cov) * weight).sum(dim=1)
-    scale = bn.weight * torch.rsqrt(var + bn.eps)
-    folded_weight = weight * scale[:, None]
-    if conv1.bias is None:
-        batch_mean = w_mean
-        folded_bias = bn.bias - scale * w_mean
-    else:
-        # Written with the bias so that it gets its (zero) gradient as with the modules: a
-        # parameter left out of the graph would stop DistributedDataParallel.
-        batch_mean = w_mean + conv1.bias
-        folded_bias = bn.bias + scale * (conv1.bias - batch_mean)
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        bn.running_mean.lerp_(batch_mean, bn.momentum)
-        bn.running_var.lerp_(var * (n / max(n - 1, 1)), bn.momentum)
+    cov = centered.t() @ centered / rows.shape[0]
+    folded_weight, folded_bias = _fold_batch_statistics(conv1, bn, mean, cov, rows.shape[0])
     out = _LeakyMLP.apply(rows, folded_weight, folded_bias, conv2.weight.reshape(-1), act.negative_slope, block)
-    if conv2.bias is not None:
-        out = out + conv2.bias
-    return out.reshape(b, h, w, 1).permute(0, 3, 1, 2)
+    return _to_map(out, conv2, b, h, w)
 
 
 class _LeakyMLPCopies(torch.autograd.Function):
@@ -275,11 +289,10 @@ def bn_mlp_train_forward_copies(
     (:func:`scatter_rows` builds that dense ``noise``). Needs :func:`supports_fused`.
     """
     conv1, bn, act, conv2 = head
-    b, c, h, w = clean.shape
-    rows = clean.permute(0, 2, 3, 1).reshape(-1, c)
+    b, _, h, w = clean.shape
+    rows = _rows(clean)
     n = rows.shape[0]
     total = copies * n
-    weight = conv1.weight.reshape(conv1.out_channels, c)
     # Mean and covariance of the stacked rows from the clean rows and the noisy ones alone;
     # about the clean mean (a constant shift) so the sums do not cancel badly.
     shift = rows.detach().mean(dim=0)
@@ -289,28 +302,12 @@ def bn_mlp_train_forward_copies(
     first = (copies * clean_c.sum(dim=0) + noise_rows.sum(dim=0)) / total
     gram = copies * (clean_c.t() @ clean_c) + noisy_c.t() @ noisy_c - noisy_clean_c.t() @ noisy_clean_c
     cov = gram / total - first[:, None] * first[None, :]
-    mean = shift + first
-    w_mean = weight @ mean
-    var = ((weight @ cov) * weight).sum(dim=1)
-    scale = bn.weight * torch.rsqrt(var + bn.eps)
-    folded_weight = weight * scale[:, None]
-    if conv1.bias is None:
-        batch_mean = w_mean
-        folded_bias = bn.bias - scale * w_mean
-    else:
-        batch_mean = w_mean + conv1.bias
-        folded_bias = bn.bias + scale * (conv1.bias - batch_mean)
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        bn.running_mean.lerp_(batch_mean, bn.momentum)
-        bn.running_var.lerp_(var * (total / max(total - 1, 1)), bn.momentum)
+    folded_weight, folded_bias = _fold_batch_statistics(conv1, bn, shift + first, cov, total)
     out = _LeakyMLPCopies.apply(
         rows, noise_rows.detach(), noise_index, folded_weight, folded_bias, conv2.weight.reshape(-1),
         act.negative_slope, block, copies,
     )
-    if conv2.bias is not None:
-        out = out + conv2.bias
-    return out.reshape(copies * b, h, w, 1).permute(0, 3, 1, 2)
+    return _to_map(out, conv2, copies * b, h, w)
 
 
 def scatter_rows(rows: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
