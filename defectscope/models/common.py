@@ -131,6 +131,8 @@ class GaussianBlur2d(nn.Module):
         self.register_buffer("kernel", kernel / kernel.sum(), persistent=False)
         self.sigma = sigma
         self.kernel_size = kernel_size
+        # Banded smoothing matrices by (side, padding mode, dtype), built on first use (_matrix).
+        self._matrices: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, C, H, W]`` smoothed, same dtype."""
@@ -154,7 +156,7 @@ class GaussianBlur2d(nn.Module):
         """``[n, n]`` matrix ``M`` with ``(x @ M)[j] = sum_t kernel[t] x[pad(j + t - r)]``: the 1-D
         smoothing of a length-``n`` signal with ``mode`` padding (r = radius). Cached per size."""
         key = (n, mode, kernel.dtype)
-        cache = self.__dict__.setdefault("_matrices", {})
+        cache = self._matrices
         if key not in cache:
             size = len(kernel)
             pos = torch.arange(n)[:, None] + torch.arange(size)[None, :] - size // 2
