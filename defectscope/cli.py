@@ -18,6 +18,77 @@ class UsageError(ValueError):
     """A command line that cannot work; printed without a traceback, exit status 2."""
 
 
+# ---- option values, checked as they are parsed (argparse ``type=``) ----------------------------
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def number(kind: type = float, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False, note: str = ""):
+    """An argparse ``type=`` reading an ``int`` or a finite ``float`` within ``[low, high]`` (``low_open`` /
+    ``high_open``: that bound excluded); anything else is refused with the range it must be in.
+    ``number(float, 0, low_open=True)("nan")`` raises ``ArgumentTypeError("expected a finite number > 0, got
+    'nan'; nan and inf are refused")``, which argparse prints after ``argument --option:``.
+    """
+    import math
+
+    def show(bound):
+        return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+    if low is not None and high is not None:
+        bounds = f"in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
+    elif low is not None:
+        bounds = f"{'>' if low_open else '>='} {show(low)}"
+    elif high is not None:
+        bounds = f"{'<' if high_open else '<='} {show(high)}"
+    else:
+        bounds = ""
+    expected = f"{'an integer' if kind is int else 'a finite number'} {bounds}".strip() + (f" ({note})" if note else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}; nan and inf are refused")
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's fallback messages name the type
+    return parse
+
+
+SEED = number(int, 0, 2**32 - 1)
+
+
+def devices_option(text: str) -> str:
+    """``--devices``: a positive number of devices, or ``auto``; returned as text (``_engine`` converts)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return str(count)
+
+
+def accelerator_option(text: str) -> str:
+    """``--accelerator``: one of :data:`ACCELERATORS` (lower-cased); a close miss is named."""
+    import difflib
+
+    name = text.strip().lower()
+    if name not in ACCELERATORS:
+        close = difflib.get_close_matches(name, ACCELERATORS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise argparse.ArgumentTypeError(f"unknown accelerator {text!r}{hint}; choose from {', '.join(ACCELERATORS)}")
+    return name
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=["elpv", "mvtec", "folder", "synthetic"], default="elpv",
@@ -30,17 +101,37 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--normal-dir", default=None, help="folder layout: good images")
     g.add_argument("--abnormal-dir", default=None, help="folder layout: defective images (test)")
     g.add_argument("--mask-dir", default=None, help="folder layout: masks named like their images")
-    g.add_argument("--test-split-ratio", type=float, default=0.2,
+    g.add_argument("--test-split-ratio", type=number(float, 0, 1, low_open=True, high_open=True), default=0.2,
                    help="folder layout: share of good images held out for testing")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the ELPV / folder train-test split")
-    g.add_argument("--train-defects", type=int, default=0,
+    g.add_argument("--split-seed", type=SEED, default=0, help="seed of the ELPV / folder train-test split")
+    g.add_argument("--train-defects", type=number(int, 0), default=0,
                    help="ELPV: probability-1 cells per type added to training with image labels only "
                         "(weak supervision; drawn from a fixed pool of 50, so the test set stays the same)")
-    g.add_argument("--train-defect-fraction", type=float, default=0.0,
+    g.add_argument("--train-defect-fraction", type=number(float, 0, 1, high_open=True), default=0.0,
                    help="MVTec / folder / synthetic: share of each defect type moved from test to training "
                         "(with masks where they exist)")
     g.add_argument("--train-abnormal-dir", default=None,
                    help="folder layout: labelled defective training images (masks from --mask-dir where they match)")
+
+
+# Data options, as recorded in a run's run.json so that `test` can rebuild the same split.
+DATA_OPTIONS = ("data", "data_path", "category", "normal_dir", "abnormal_dir", "mask_dir", "test_split_ratio",
+                "split_seed", "train_defects", "train_defect_fraction", "train_abnormal_dir")
+PATH_OPTIONS = ("data_path", "normal_dir", "abnormal_dir", "mask_dir", "train_abnormal_dir")
+RUN_FILE = "run.json"
+
+
+def _add_threshold_options(p: argparse.ArgumentParser, for_test: bool = False) -> None:
+    g = p.add_argument_group("verdict threshold")
+    if not for_test:
+        g.add_argument("--val-fraction", type=number(float, 0, 1, high_open=True), default=0.2,
+                       help="share of the good training images held out (seeded) to set the threshold on; "
+                            "0: none (the threshold is then set on training images, which is optimistic)")
+    g.add_argument("--threshold-rule", choices=["false_reject", "f1"], default="false_reject",
+                   help="false_reject: at most --max-false-reject of good images called defective; f1: best F1 on "
+                        "held-out labelled defects (needs at least 2 labelled defective training images)")
+    g.add_argument("--max-false-reject", type=number(float, 0, 1, low_open=True, high_open=True), default=0.01,
+                   help="false-reject rate the threshold is set for (0.01: 1 in 100 good parts rejected)")
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -49,17 +140,18 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--project", default="defectscope", help="run folder level 1")
     g.add_argument("--group", default=None, help="run folder level 2; None: the data set name")
     g.add_argument("--run-name", default=None, help="run folder level 3; None: a timestamp")
-    g.add_argument("--batch-size", type=int, default=8, help="images per step (the paper: 32; 8 learns more per CPU-minute)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model on CPU)")
-    g.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (Lightning Fabric)")
-    g.add_argument("--devices", default="1", help="number of devices or 'auto' (DDP when > 1)")
+    g.add_argument("--batch-size", type=number(int, 1), default=8, help="images per step (the paper: 32; 8 learns more per CPU-minute)")
+    g.add_argument("--seed", type=SEED, default=0, help="random seed (same seed, same model on CPU)")
+    g.add_argument("--accelerator", type=accelerator_option, default="auto",
+                   help="cpu, gpu (= cuda), mps, auto (Lightning Fabric)")
+    g.add_argument("--devices", type=devices_option, default="1", help="number of devices or 'auto' (DDP when > 1)")
     g.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    g.add_argument("--num-nodes", type=int, default=1, help="machines (Lightning; with --strategy ddp)")
+    g.add_argument("--num-nodes", type=number(int, 1), default=1, help="machines (Lightning; with --strategy ddp)")
     g.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 16-mixed, bf16-mixed")
-    g.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
+    g.add_argument("--num-workers", type=number(int, 0), default=0, help="data-loading processes")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-images", action="store_true", help="do not write heat-map overlays")
-    g.add_argument("--max-images", type=int, default=60,
+    g.add_argument("--max-images", type=number(int, 0), default=60,
                    help="overlays per category: the highest-scoring good, lowest- and highest-scoring defective "
                         "images (0: all)")
 
@@ -81,9 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="efficientnet_lite0/1/2 (packaged), resnet18, wide_resnet50_2 (need --weights or a local cache)")
     m.add_argument("--layers", nargs="+", default=None, help="backbone layers; None: the backbone's own")
     m.add_argument("--weights", default=None, help="backbone weights file (.pth/.safetensors)")
-    m.add_argument("--image-size", type=int, default=256, help="images are resized to this square size")
-    m.add_argument("--perlin-threshold", type=float, default=0.2, help="Perlin noise threshold for synthetic anomalies")
-    m.add_argument("--noise-std", type=float, default=None,
+    m.add_argument("--image-size", type=number(int, 32, note="the models' smallest image_size"), default=256,
+                   help="images are resized to this square size")
+    m.add_argument("--perlin-threshold", type=number(float, 0, 1, high_open=True), default=0.2,
+                   help="Perlin noise threshold for synthetic anomalies")
+    m.add_argument("--noise-std", type=number(float, 0, low_open=True), default=None,
                    help="synthetic feature-noise std in units of each channel's std; None: the model's (1.0)")
     m.add_argument("--adapt-cls-features", action="store_true", help="ICPR variant (default: JIMS)")
     m.add_argument("--image-score", choices=["auto", "classifier", "map_max", "mean"], default="auto",
@@ -95,25 +189,37 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--regime", choices=["auto", "unsupervised", "weakly", "mixed", "supervised"], default="auto",
                    help="supervision regime; auto follows the training data (labelled defects with masks: "
                         "supervised, with image labels only: weakly, both: mixed, none: unsupervised)")
-    m.add_argument("--upscale-factor", type=int, default=1,
+    m.add_argument("--upscale-factor", type=number(int, 1), default=1,
                    help="feature map size as a multiple of the largest backbone map (reference: 2, 4x slower)")
-    m.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="training epochs (the paper uses 300)")
-    m.add_argument("--lr-scale", type=float, default=2.0, help="multiplies the reference learning rates")
+    m.add_argument("--epochs", type=number(int, 1), default=DEMO_EPOCHS, help="training epochs (the paper uses 300)")
+    m.add_argument("--lr-scale", type=number(float, 0, low_open=True), default=2.0, help="multiplies the reference learning rates")
     m.add_argument("--no-test", action="store_true", help="train only")
     m.add_argument("--no-resume", action="store_true", help="start again even if the run folder has a checkpoint")
     m.add_argument("--compile", action="store_true",
                    help="torch.compile the trainable heads (needs a C++ compiler on CPU). On CPU SuperSimpleNet's "
                         "fused map head is already faster: no gain there (0.99-1.02x per step)")
     _add_engine_options(train)
+    _add_threshold_options(train)
 
-    test = sub.add_parser("test", help="evaluate a trained run on a test split", formatter_class=fmt)
+    test = sub.add_parser("test", help="measure a trained run on its test split (never changes the model, unless "
+                          "--update-threshold)", formatter_class=fmt)
     test.add_argument("--model-path", required=True, help="run folder (or its models/<n> folder)")
     _add_data_options(test)
+    # None = not given: the run's own data settings (run.json) fill them in.
+    test.set_defaults(**{name: None for name in DATA_OPTIONS})
     _add_engine_options(test)
+    _add_threshold_options(test, for_test=True)
+    test.add_argument("--update-threshold", action="store_true",
+                      help="set the model's threshold again on this test set's scores (with --threshold-rule / "
+                           "--max-false-reject) and save it; without it, test only reports")
 
     predict = sub.add_parser("predict", help="score images: folder or files in, CSV and overlays out", formatter_class=fmt)
     predict.add_argument("inputs", nargs="+", help="image files or folders")
     predict.add_argument("--model-path", required=True, help="run folder (or its models/<n> folder)")
+    predict.add_argument("--category", default=None,
+                         help="which model of a multi-category run (its categories are listed when it is missing)")
+    predict.add_argument("--threshold", type=number(float), default=None,
+                         help="verdict threshold for this run only (default: the model's saved one)")
     predict.add_argument("--output", default="predictions", help="folder for predictions.csv and images/")
     predict.add_argument("--batch-size", type=int, default=32, help="images per batch")
     predict.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
@@ -152,7 +258,7 @@ def _splits(args) -> list[tuple[str, object]]:
     return [(Path(args.normal_dir).name, split)]
 
 
-def _engine(args, run_name=None, results_path=None, project=None, group=None, epochs=1):
+def _engine(args, run_name=None, results_path=None, project=None, group=None, epochs=1, data_info=None):
     from defectscope.engine import Engine
 
     devices = args.devices if args.devices == "auto" else int(args.devices)
@@ -162,8 +268,44 @@ def _engine(args, run_name=None, results_path=None, project=None, group=None, ep
         batch_size=args.batch_size, seed=args.seed, accelerator=args.accelerator, devices=devices,
         strategy=args.strategy, precision=args.precision, num_nodes=args.num_nodes, num_workers=args.num_workers,
         progress=not args.no_progress, resume=not getattr(args, "no_resume", False),
-        compile_heads=getattr(args, "compile", False),
+        compile_heads=getattr(args, "compile", False), val_fraction=getattr(args, "val_fraction", 0.2),
+        threshold_rule=getattr(args, "threshold_rule", "false_reject"),
+        max_false_reject=getattr(args, "max_false_reject", 0.01), data_info=data_info,
     )
+
+
+def data_settings(args) -> dict:
+    """The data options of ``args`` as recorded in run.json (paths made absolute, so that
+    ``test`` finds the data from any working directory)."""
+    settings = {name: getattr(args, name, None) for name in DATA_OPTIONS}
+    for name in PATH_OPTIONS:
+        if settings[name] is not None:
+            settings[name] = str(Path(settings[name]).resolve())
+    return settings
+
+
+def write_run_file(run_dir: Path, settings: dict, models: dict[str, str], model_name: str) -> None:
+    """run.json: the data a run was trained on and which models/<n> holds which category."""
+    from defectscope.models.base import atomic_save
+
+    atomic_save({"format": "defectscope-run", "format_version": 1, "model": model_name, "data": settings,
+                 "models": models}, run_dir / RUN_FILE, use_torch=False)
+
+
+def read_run_file(run_dir: Path) -> dict | None:
+    """run.json of ``run_dir`` (None when the run was trained before runs recorded their data)."""
+    import json
+
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}). Fix: pass the data options (--data ...) explicitly.") from err
+    if not isinstance(run, dict) or run.get("format") != "defectscope-run" or not isinstance(run.get("data"), dict):
+        raise UsageError(f"{path} is not a defectscope run file. Fix: pass the data options (--data ...) explicitly.")
+    return run
 
 
 def _print_metrics(rows: list[dict], run_dir: Path) -> None:
@@ -171,12 +313,16 @@ def _print_metrics(rows: list[dict], run_dir: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"Results ({run_dir})")
-    for col in ["category", "image AUROC", "pixel AUROC", "AUPRO", "F1-max", "threshold", "test images"]:
+    for col in ["category", "image AUROC", "pixel AUROC", "AUPRO", "F1-max", "threshold", "false rejects",
+                "escapes", "test images"]:
         table.add_column(col)
     for r in rows:
-        f = lambda v: "n/a" if v != v else f"{v:.3f}"  # noqa: E731 (NaN-aware)
+        f = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731 (NaN-aware)
+        pct = lambda v: "n/a" if v is None or v != v else f"{v:.1%}"  # noqa: E731
         table.add_row(r["category"], f(r["image_auroc"]), f(r["pixel_auroc"]), f(r["aupro"]),
-                      f(r["image_f1_max"]), f(r["image_threshold"]), str(r["n_test"]))
+                      f(r["image_f1_max"]), f"{r['threshold']:.4g}",
+                      f"{pct(r['false_reject_rate'])} of {r['n_good']}", f"{pct(r['escape_rate'])} of {r['n_defect']}",
+                      str(r["n_test"]))
     console = Console()
     console.print(table)
     for r in rows:
@@ -188,6 +334,18 @@ def _merge_notes(split_notes: list[str], metric_notes: list[str]) -> list[str]:
     """The split's notes, then the metrics' notes that say something new."""
     pixel_explained = any("pixel AUROC" in n for n in split_notes)
     return list(split_notes) + [n for n in metric_notes if not (pixel_explained and n.startswith("pixel AUROC and AUPRO need"))]
+
+
+def _check_test_images(model, split) -> None:
+    """Decode every test image and mask before training, so a bad test file does not surface
+    only after the training time is spent."""
+    from defectscope.data import AnomalyDataset, DataError
+
+    if split.test:
+        try:
+            AnomalyDataset(split.test, image_size=model.image_size, mean=model.mean, std=model.std).validate()
+        except DataError as err:
+            raise DataError(f"Test set of {split.name!r} (checked before training): {err}") from err
 
 
 def cmd_train(args) -> int:
@@ -205,7 +363,10 @@ def cmd_train(args) -> int:
     started = time.time()
     splits = _splits(args)
     run_name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
+    settings = data_settings(args)
+    models: dict[str, str] = {}
     rows, run_dir = [], None
+    built = []
     for index, (category, split) in enumerate(splits):
         torch.manual_seed(args.seed)  # the heads' initial weights, so --seed fixes the whole model
         kwargs = dict(backbone=args.backbone, layers=args.layers, weights=args.weights, image_size=args.image_size,
@@ -217,13 +378,22 @@ def cmd_train(args) -> int:
         if args.noise_std is not None:
             kwargs["noise_std"] = args.noise_std
         model = create_model(args.model, **kwargs)
-        engine = _engine(args, run_name=run_name, epochs=args.epochs)
+        if not args.no_test:
+            _check_test_images(model, split)
+        built.append(model)
+    for index, ((category, split), model) in enumerate(zip(splits, built)):
+        engine = _engine(args, run_name=run_name, epochs=args.epochs,
+                         data_info={**settings, "category": category})
         engine.model_index = index
         run_dir = engine.run_dir
+        models[str(index)] = category
         print(f"[{category}] {summarise(split)}")
         engine.fit(model, split.train, regime=args.regime)
+        if engine.fabric.is_global_zero:
+            write_run_file(run_dir, settings, models, model.name)
         if not args.no_test:
-            metrics = engine.test(model, split.test, category=category, max_images=args.max_images or None)
+            metrics = engine.test(model, split.test, category=category, max_images=args.max_images or None,
+                                  data_name=args.data)
             metrics["notes"] = _merge_notes(split.notes, metrics["notes"])
             rows.append(metrics)
     if rows:
@@ -232,22 +402,75 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _run_dir_of(path: Path) -> Path:
+    """The run folder of a run folder, its models/ folder, a models/<n> folder or a file in one."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if path.name.isdigit() and path.parent.name == "models":
+        return path.parent.parent
+    if path.name == "models":
+        return path.parent
+    return path
+
+
+def _test_data_args(args, run: dict | None):
+    """The data options for ``test``: the ones given, else the run's own (run.json)."""
+    parser = argparse.ArgumentParser()
+    _add_data_options(parser)
+    defaults = parser.parse_args([])
+    given = {name: getattr(args, name) for name in DATA_OPTIONS if getattr(args, name) is not None}
+    if "data" not in given:
+        if run is None:
+            raise UsageError(
+                "This run does not record which data it was trained on (no run.json: trained by an older "
+                "defectscope). Fix: pass the data options it was trained with, e.g. --data elpv or --data mvtec "
+                "--data-path <root> --category <name>."
+            )
+        base = dict(run["data"])
+        if "category" in given:
+            base["category"] = given.pop("category")
+        if given:
+            raise UsageError(
+                f"--{'/--'.join(n.replace('_', '-') for n in given)} given without --data: the run's own data "
+                "settings are used as a whole. Fix: also pass --data (and every data option) to test on other data."
+            )
+    else:
+        base = {name: getattr(defaults, name) for name in DATA_OPTIONS}
+        base.update(given)
+    for name, value in base.items():
+        setattr(args, name, value)
+    return args
+
+
 def cmd_test(args) -> int:
     from defectscope.models import find_model_dir, load_model
 
-    model_dir = find_model_dir(args.model_path)
-    run_dir = model_dir.parent.parent
+    from defectscope.models.base import model_category
+
+    if not Path(args.model_path).exists():
+        find_model_dir(args.model_path)  # the not-found error, with its fix
+    run_dir = _run_dir_of(args.model_path)
+    chosen = Path(args.model_path)
+    chosen = chosen.parent if chosen.is_file() else chosen
+    if args.category is None and chosen != run_dir and (chosen / "ckpt.pth").is_file() and model_category(chosen):
+        args.category = [model_category(chosen)]  # a models/<n> folder: test its own category
+    run = read_run_file(run_dir)
+    own_data = args.data is None
+    _test_data_args(args, run)
+    if own_data and run is not None:
+        print(f"Testing on the run's own data ({RUN_FILE}): --data {args.data}"
+              + (f" --category {' '.join(args.category)}" if args.category else ""))
     rows = []
-    for index, (category, split) in enumerate(_splits(args)):
-        folder = run_dir / "models" / str(index)
-        if not (folder / "ckpt.pth").is_file():
-            folder = model_dir
+    for category, split in _splits(args):
+        folder = find_model_dir(args.model_path, category=category)
         model = load_model(folder)
         engine = _engine(args, results_path=run_dir.parent.parent.parent, project=run_dir.parent.parent.name,
                          group=run_dir.parent.name, run_name=run_dir.name)
-        engine.model_index = int(folder.name)
+        engine.model_index = int(folder.name) if folder.name.isdigit() else 0
         metrics = engine.test(model, split.test, category=category, save_images=not args.no_images,
-                              max_images=args.max_images or None)
+                              max_images=args.max_images or None, update_threshold=args.update_threshold,
+                              data_name=args.data)
         metrics["notes"] = _merge_notes(split.notes, metrics["notes"])
         rows.append(metrics)
     _print_metrics(rows, run_dir)
@@ -262,12 +485,15 @@ def cmd_predict(args) -> int:
     paths = []
     for item in args.inputs:
         paths.extend(list_images(item) if Path(item).is_dir() else [Path(item)])
-    model = load_model(args.model_path)
+    model = load_model(args.model_path, category=args.category)
     engine = Engine(results_path=args.output, batch_size=args.batch_size, accelerator=args.accelerator,
                     progress=not args.no_progress, max_epochs=1)
-    results = engine.predict(model, paths, output_dir=args.output, save_images=not args.no_images)
+    results = engine.predict(model, paths, output_dir=args.output, save_images=not args.no_images,
+                             threshold=args.threshold)
+    threshold = results[0]["threshold"] if results else float(model.threshold)
+    source = "given with --threshold" if args.threshold is not None else "the model's"
     n_defect = sum(r["is_defect"] for r in results)
-    print(f"{len(results)} images scored, {n_defect} above the threshold {float(model.threshold):.3f}; "
+    print(f"{len(results)} images scored, {n_defect} at or above the threshold {threshold:.4g} ({source}); "
           f"wrote {Path(args.output) / 'predictions.csv'}")
     return 0
 
@@ -289,36 +515,141 @@ def _closest_options(parser: argparse.ArgumentParser, command: str | None, extra
     return f" (did you mean: {', '.join(hints)}? See `defectscope {command} --help`)" if hints else ""
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["train", *argv]  # no command: train (no arguments at all: the ELPV demo)
-    if argv[0] == "simplenet":
-        from defectscope.cli_simplenet import main as simplenet_main
+COMMANDS = ("train", "test", "predict", "simplenet")
+# Exceptions that mean "this input cannot work" (exit status 2): UsageError, DataError and the weights
+# errors are ValueError / FileNotFoundError subclasses; a path of the wrong kind or without permission too.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
-        return simplenet_main(argv[1:])
-    args, extra = parser.parse_known_args(argv)
-    from defectscope.models import model_key
 
-    # Only SimpleNet's train takes options beyond these (its model / augmentation options).
-    if extra and not (args.command == "train" and model_key(args.model) == "simplenet"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}{_closest_options(parser, args.command, extra)}")
-    args.extra = extra
-    if args.command is None:
-        parser.print_help()
-        return 2
-    handlers = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict}
-    from defectscope.backbones import WeightsNotFoundError
-    from defectscope.data import DataError
+def package_version() -> str:
+    """The installed distribution's version, else ``defectscope.__version__`` (a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return handlers[args.command](args)
-    except (DataError, WeightsNotFoundError, FileNotFoundError, ValueError) as err:
+        return version("defectscope")
+    except PackageNotFoundError:
+        import defectscope
+
+        return defectscope.__version__
+
+
+def report_error(err: BaseException, debug: bool = False) -> int:
+    """Print ``err`` as one ``error: ...`` statement on stderr (after the traceback with ``debug``);
+    return the exit status: 2 for a usage or data error, 130 for Ctrl-C, 1 for anything unexpected."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    if isinstance(err, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(err, EXPECTED_ERRORS):
         print(f"error: {err}", file=sys.stderr)
         return 2
+    lines = str(err).strip().splitlines()
+    message = f"{type(err).__name__}: {lines[0]}{' ...' if len(lines) > 1 else ''}" if lines else type(err).__name__
+    if "out of memory" in str(err).lower():
+        message += " (try a smaller --batch-size or --image-size)"
+    hint = "" if debug else "; run again with --debug for the traceback"
+    print(f"error: {message} (unexpected error{hint})", file=sys.stderr)
+    return 1
+
+
+def _raise_usage_errors(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` and its sub-command parsers raise :class:`UsageError` (printed by :func:`main`
+    as one ``error:`` line naming the help to read) instead of printing usage and exiting."""
+    parsers = [parser] + [p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                          for p in a.choices.values()]
+    for p in parsers:
+        def error(message: str, prog: str = p.prog):
+            raise UsageError(f"{message} (see `{prog} --help`)")
+
+        p.error = error
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before any work, what the parser's ``type=`` checks cannot see: a device that is not
+    there, a ``predict --output`` that is a file; and ``predict``'s own numbers."""
+    if getattr(args, "batch_size", 1) < 1:
+        raise UsageError(f"argument --batch-size: expected an integer >= 1, got {args.batch_size}")
+    accelerator = getattr(args, "accelerator", "auto")
+    try:
+        accelerator = args.accelerator = accelerator_option(accelerator)
+    except argparse.ArgumentTypeError as err:
+        raise UsageError(f"argument --accelerator: {err}") from None
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            why = (f"this torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else
+                   f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU: no device, no driver, "
+                   "or CUDA_VISIBLE_DEVICES hides it")
+            raise UsageError(f"--accelerator {accelerator}: no CUDA GPU is visible ({why}); "
+                             "use --accelerator cpu (or auto)")
+        devices = getattr(args, "devices", "1")
+        if devices != "auto" and int(devices) > torch.cuda.device_count():
+            raise UsageError(f"--devices {devices}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if accelerator == "mps":
+        import torch
+
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UsageError("--accelerator mps: no Apple-silicon GPU (MPS) is available; use --accelerator cpu")
+    if args.command == "predict":
+        output = Path(args.output)
+        existing = next((p for p in (output, *output.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "is" if existing == output else f"is inside {str(existing)!r}, which is"
+            raise UsageError(f"--output {str(output)!r} {where} a file; predict writes a folder "
+                             "(predictions.csv and images/): pass a folder path, e.g. --output predictions")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``defectscope ...``; returns the exit status: 0, 2 (usage or data error), 1 (unexpected
+    error), 130 (interrupted). Errors print one ``error: ...`` statement, with the traceback only
+    under ``--debug`` (accepted anywhere on the line)."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        if argv[:1] in (["--version"], ["-V"]):
+            print(f"defectscope {package_version()}")
+            return 0
+        if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+            argv = ["train", *argv]  # no command: train (no arguments at all: the ELPV demo)
+        if argv[0] not in COMMANDS and not argv[0].startswith("-"):
+            import difflib
+
+            close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"unknown command {argv[0]!r}{hint}; commands: {', '.join(COMMANDS)} "
+                             "(see `defectscope --help`)")
+        if argv[0] == "simplenet":
+            from defectscope.cli_simplenet import main as simplenet_main
+
+            return simplenet_main(argv[1:], debug=debug)
+        parser = build_parser()
+        parser.add_argument("--version", "-V", action="version", version=f"%(prog)s {package_version()}")
+        parser.add_argument("--debug", action="store_true", help="on an error, show the traceback too (any position)")
+        _raise_usage_errors(parser)
+        args, extra = parser.parse_known_args(argv)
+        from defectscope.models import model_key
+
+        # Only SimpleNet's train takes options beyond these (its model / augmentation options).
+        if extra and not (args.command == "train" and model_key(args.model) == "simplenet"):
+            hints = _closest_options(parser, args.command, extra) or f" (see `defectscope {args.command} --help`)"
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}{hints}")
+        args.extra = extra
+        if args.command is None:
+            parser.print_help()
+            return 2
+        check_args(args)
+        handlers = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict}
+        return handlers[args.command](args)
+    except (Exception, KeyboardInterrupt) as err:
+        return report_error(err, debug)
     finally:
-        _close_process_group()
+        if "torch.distributed" in sys.modules:  # nothing to close before torch is imported
+            _close_process_group()
 
 
 def _close_process_group() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -91,8 +92,16 @@ def test_train_writes_the_run_folder(trained):
     n_test = len(list((trained["data"] / CATEGORY / "test").rglob("*.png")))
     assert int(row["n_test"]) == n_test
     assert 0 <= float(row["image_auroc"]) <= 1 and 0 <= float(row["pixel_auroc"]) <= 1
-    for name in ("ckpt.pth", "params.pkl", "last.ckpt"):
+    for name in ("ckpt.pth", "params.json", "last.ckpt"):
         assert (run_dir / "models" / "0" / name).is_file()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["data"]["data"] == "synthetic" and run["models"] == {"0": CATEGORY}
+    params = json.loads((run_dir / "models" / "0" / "params.json").read_text())
+    assert params["data"]["category"] == CATEGORY and params["threshold_info"]["rule"] == "false_reject"
+    # The images held out for the threshold were not trained on, and none is a test image.
+    held_out, trained_on = set(params["data"]["validation_images"]), set(params["data"]["train_images"])
+    assert held_out and not held_out & trained_on
+    assert not (held_out | trained_on) & {str(p) for p in (trained["data"] / CATEGORY / "test").rglob("*.png")}
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list((run_dir / "images" / CATEGORY).glob("*.png"))) == n_test
 
@@ -102,11 +111,21 @@ def test_test_command_reproduces_the_training_metrics(trained, tmp_path):
     run_dir = tmp_path / "results" / "defectscope" / "synthetic" / "tiny"
     shutil.copytree(trained["run_dir"], run_dir)
     (run_dir / "results.csv").unlink()
+    params_before = (run_dir / "models" / "0" / "params.json").read_bytes()
+    # No --data: the run's own data (run.json).
+    code = run_cli(["test", "--model-path", run_dir, "--no-images", *FAST])
+    assert code == 0
+    rows = read_csv(run_dir / "results.csv")
+    assert rows == trained["results"]  # same model, same test set: same metrics
+    # Other data given explicitly: its own row, and no mean across data sets.
     code = run_cli(["test", "--model-path", run_dir, "--data", "mvtec", "--data-path", trained["data"],
                     "--category", CATEGORY, "--no-images", *FAST])
     assert code == 0
     rows = read_csv(run_dir / "results.csv")
-    assert rows == trained["results"]  # same model, same test set: same metrics
+    assert [(r["data"], r["category"]) for r in rows] == [("synthetic", CATEGORY), ("mvtec", CATEGORY)]
+    assert {k: v for k, v in rows[1].items() if k != "data"} == {k: v for k, v in rows[0].items() if k != "data"}
+    # test measures, it never changes the model.
+    assert (run_dir / "models" / "0" / "params.json").read_bytes() == params_before
 
 
 def test_predict_command_scores_a_folder(trained, tmp_path):
@@ -218,7 +237,7 @@ def test_train_with_labelled_defects_reports_the_regime(data_root, tmp_path, cap
     common = ["train", "--data", "mvtec", "--data-path", data_root, "--category", CATEGORY, "--epochs", 1,
               "--image-size", 64, "--results-path", tmp_path, "--no-test", *FAST]
     assert run_cli([*common, "--run-name", "sup", "--train-defect-fraction", 0.5]) == 0
-    assert "Training regime: supervised (8 good images, 1 defective: 1 with masks" in capsys.readouterr().out
+    assert "Training regime: supervised (6 good images, 1 defective: 1 with masks" in capsys.readouterr().out
     assert run_cli([*common, "--run-name", "weak", "--train-defect-fraction", 0.5, "--regime", "weakly"]) == 0
     out = capsys.readouterr().out
     assert "masks of 1 defective training images are not used" in out and "Training regime: weakly supervised" in out

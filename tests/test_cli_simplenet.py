@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pickle
+import json
 
 import pytest
 import torch
@@ -148,10 +148,9 @@ def test_run_folder_as_in_the_seed(two_subdatasets):
     state = torch.load(run_dir / "models" / "0" / "ckpt.pth", weights_only=True)["state_dict"]
     assert any(k.startswith("discriminator.") for k in state) and any(k.startswith("pre_projection.") for k in state)
     assert not any(k.startswith("feature_extractor.") for k in state)
-    with open(run_dir / "models" / "0" / "params.pkl", "rb") as fh:
-        params = pickle.load(fh)
+    params = json.loads((run_dir / "models" / "0" / "params.json").read_text())
     assert params["model"] == "simplenet" and params["hparams"]["meta_epochs"] == 2
-    last = torch.load(run_dir / "models" / "0" / "last.ckpt", weights_only=False)
+    last = torch.load(run_dir / "models" / "0" / "last.ckpt", weights_only=True)
     assert last["epoch"] == last["max_epochs"] == 4  # meta_epochs 2 x gan_epochs 2
     assert params["hparams"]["patchsize"] == 3 and params["hparams"]["imagesize"] == 64
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())

@@ -20,6 +20,7 @@ from .samples import (
     Sample,
     check_test_classes,
     describe_regime,
+    hold_out_validation,
     resolve_regime,
     summarise,
     training_regime,
@@ -46,4 +47,5 @@ __all__ = [
     "training_regime",
     "resolve_regime",
     "describe_regime",
+    "hold_out_validation",
 ]

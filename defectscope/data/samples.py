@@ -18,6 +18,7 @@ __all__ = [
     "training_regime",
     "resolve_regime",
     "describe_regime",
+    "hold_out_validation",
 ]
 
 
@@ -195,3 +196,48 @@ def describe_regime(samples: list[Sample], regime: str) -> str:
         return f"Training regime: {name} ({good} good images)"
     return (f"Training regime: {name} ({good} good images, {len(defects)} defective: {with_mask} with masks, "
             f"{len(defects) - with_mask} with image labels only)")
+
+
+def hold_out_validation(
+    samples: list[Sample], fraction: float = 0.2, seed: int = 0, hold_out_defects: bool = False
+) -> tuple[list[Sample], list[Sample], list[str]]:
+    """Split training samples into (train, validation, notes) for fitting the verdict threshold.
+
+    A seeded ``fraction`` of the good images is held out (at least one, and at least two stay
+    for training), and with ``hold_out_defects`` the same share of the labelled defects (at
+    least one when there are two or more). The choice depends only on the file names and
+    ``seed``, so a resumed or repeated run holds out the same images. ``fraction`` 0 holds out
+    nothing (the caller then has no unseen images to set a threshold on)."""
+    import random
+
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0 or fraction != fraction:
+        raise DataError(f"The validation fraction must be in [0, 1), got {fraction!r}. Fix: e.g. 0.2.")
+    notes: list[str] = []
+    if fraction == 0.0:
+        return list(samples), [], notes
+    rng = random.Random(seed)
+
+    def pick(group: list[Sample], minimum: int, keep: int) -> set[int]:
+        if len(group) < minimum + keep:
+            return set()
+        count = min(max(minimum, round(len(group) * fraction)), len(group) - keep)
+        order = sorted(range(len(group)), key=lambda i: str(group[i].path))
+        return set(rng.sample(order, count))
+
+    good = [i for i, s in enumerate(samples) if s.label == 0]
+    defects = [i for i, s in enumerate(samples) if s.label == 1]
+    chosen = {good[i] for i in pick([samples[i] for i in good], 1, 2)}
+    if not chosen:
+        notes.append(
+            f"Only {len(good)} good training images: none can be held out to set the threshold, so it is set on "
+            "the training images themselves (optimistic). Fix: add good images."
+        )
+    if hold_out_defects and defects:
+        held = {defects[i] for i in pick([samples[i] for i in defects], 1, 1)}
+        if not held:
+            notes.append(f"Only {len(defects)} labelled defect(s): none held out for the threshold.")
+        chosen |= held
+    train = [s for i, s in enumerate(samples) if i not in chosen]
+    validation = [s for i, s in enumerate(samples) if i in chosen]
+    return train, validation, notes

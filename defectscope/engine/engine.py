@@ -4,7 +4,7 @@ Run folder (as in SimpleNet's reference)::
 
     <results_path>/<project>/<group>/<run_name>/
         models/0/ckpt.pth      trained weights (no frozen backbone)
-        models/0/params.pkl    everything needed to rebuild the model
+        models/0/params.json   everything needed to rebuild the model (plain JSON)
         models/0/last.ckpt     resumable training state, rewritten atomically every epoch
         tensorboard/           loss and learning-rate curves
         results.csv            one row per category (+ mean), image/pixel metrics
@@ -25,14 +25,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from defectscope.data import AnomalyDataset, DataError, Sample, describe_regime, resolve_regime
+from defectscope.data import AnomalyDataset, DataError, Sample, describe_regime, hold_out_validation, resolve_regime
 from defectscope.engine.feature_cache import extract_features
 from defectscope.engine.progress import progress_bar
 from defectscope.engine.visualize import save_overlay
 from defectscope.metrics import PixelMetrics, compute_metrics
+from defectscope.metrics.threshold import THRESHOLD_RULES, fit_threshold, verdict_rates
 from defectscope.models.base import atomic_save
+from defectscope.models.model_files import ModelFileError, load_tensors, remove_orphan_temporaries
 
-RESULT_COLUMNS = ["category", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_threshold", "n_test"]
+RESULT_COLUMNS = ["data", "category", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold",
+                  "false_reject_rate", "escape_rate", "n_good", "n_defect", "n_test"]
 
 
 class Engine:
@@ -59,6 +62,15 @@ class Engine:
             either way: 0.99-1.02x per step on 2 idle cores (benchmarks/results/compile_idle.md;
             1.12-1.13x before the fused head). Needs a C++ compiler on CPU.
         on_epoch_end: optional ``callback(epoch, loss)`` after each epoch's checkpoint.
+        val_fraction: share of the good training images held out (seeded by ``seed``) to set
+            the verdict threshold on; they are not trained on. 0: no hold-out (the threshold is
+            then set on the training images, which is optimistic, with a notice).
+        threshold_rule: ``false_reject`` (default: at most ``max_false_reject`` of good images
+            rejected, see defectscope.metrics.threshold) or ``f1`` (best F1 on held-out labelled
+            defects; a share of the labelled defects is then held out too).
+        max_false_reject: the false-reject rate the threshold is set for (``false_reject`` rule).
+        data_info: what the training data was (data-set settings, category); recorded with
+            the model so that ``test`` can rebuild the same split.
     """
 
     def __init__(
@@ -83,11 +95,25 @@ class Engine:
         resume: bool = True,
         on_epoch_end: Callable[[int, float], None] | None = None,
         compile_heads: bool = False,
+        val_fraction: float = 0.2,
+        threshold_rule: str = "false_reject",
+        max_false_reject: float = 0.01,
+        data_info: dict | None = None,
     ) -> None:
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
         if batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (batch norm needs two samples), got {batch_size}")
+        if threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
+        if not (isinstance(max_false_reject, (int, float)) and 0.0 < max_false_reject < 1.0):
+            raise ValueError(f"max_false_reject must be a rate in (0, 1), e.g. 0.01, got {max_false_reject!r}")
+        if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
+            raise ValueError(f"val_fraction must be in [0, 1), e.g. 0.2, got {val_fraction!r}")
+        self.val_fraction = float(val_fraction)
+        self.threshold_rule = threshold_rule
+        self.max_false_reject = float(max_false_reject)
+        self.data_info = dict(data_info or {})
         self.run_dir = Path(results_path) / project / group / (run_name or time.strftime("%Y%m%d-%H%M%S"))
         self.max_epochs = max_epochs
         self.batch_size = batch_size
@@ -129,8 +155,10 @@ class Engine:
         ``auto`` follows the data (defects with masks: supervised; with image labels only:
         weakly; both: mixed; none: unsupervised); a request the data cannot meet is adjusted
         with a notice (see :func:`defectscope.data.resolve_regime`). The regime that ran is
-        printed and stored in ``self.regime``. Writes the run folder's model files; returns the
-        model in eval mode."""
+        printed and stored in ``self.regime``. A seeded share of the good images (``val_fraction``)
+        is held out of training and scored after it to set the verdict threshold
+        (``threshold_rule``); the model records the threshold, its rule and data. Writes the run
+        folder's model files; returns the model in eval mode."""
         self._launch()
         fabric = self.fabric
         fabric.seed_everything(self.seed, verbose=False)
@@ -145,9 +173,23 @@ class Engine:
         self.regime = regime
         for notice in notices:
             self._print(f"notice: {notice}")
-        self._print(describe_regime(samples, regime))
+        AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std).validate()
+        samples, validation, val_notes = hold_out_validation(
+            samples, self.val_fraction, seed=self.seed, hold_out_defects=self.threshold_rule == "f1"
+        )
+        for notice in val_notes:
+            self._print(f"notice: {notice}")
+        if self.threshold_rule == "f1" and not any(s.label == 1 for s in validation):
+            raise DataError(
+                "--threshold-rule f1 needs held-out labelled defects, and there are none to hold out (it needs at "
+                "least 2 labelled defective training images). Fix: add labelled defects, or use the false-reject "
+                "rule (--threshold-rule false_reject --max-false-reject 0.01)."
+            )
+        if len(samples) < 2:
+            raise DataError(f"Only {len(samples)} training image(s) left; training needs at least 2. Fix: add good images.")
+        self._print(describe_regime(samples, regime)
+                    + (f"; {len(validation)} held out to set the threshold" if validation else ""))
         dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
-        dataset.validate()
         labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.float32)
         # Good images have a known (empty) mask; defects only when a mask file exists.
         mask_known = torch.tensor([s.label == 0 or s.mask_path is not None for s in dataset.samples])
@@ -248,11 +290,32 @@ class Engine:
             # in the last step: take rank 0's everywhere, so every process scores the same model.
             state = fabric.broadcast({k: v.cpu() for k, v in model.trained_state_dict().items()}, src=0)
             model.load_state_dict(state, strict=False)
-        if fabric.is_global_zero:
-            model.save(self.model_dir, extra={"epochs": self.max_epochs, "seed": self.seed, "train_size": n, "regime": regime})
-        fabric.barrier()
         model.eval()
+        self._set_threshold(model, validation or samples, held_out=bool(validation))
+        model.training_info = {"epochs": self.max_epochs, "seed": self.seed, "train_size": n, "regime": regime,
+                               "batch_size": self.batch_size, "val_fraction": self.val_fraction}
+        model.data_info = {**self.data_info, "train_images": [str(s.path) for s in samples],
+                           "validation_images": [str(s.path) for s in validation]}
+        if fabric.is_global_zero:
+            model.save(self.model_dir)
+        fabric.barrier()
         return model
+
+    @torch.inference_mode()
+    def _set_threshold(self, model, samples: list[Sample], held_out: bool) -> None:
+        """Score ``samples`` and set ``model.threshold`` by the engine's rule; record how."""
+        dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
+        scores, labels, _ = self._score(model, dataset, description="Setting the threshold")
+        info = fit_threshold(labels, scores, rule=self.threshold_rule, max_false_reject=self.max_false_reject)
+        model.threshold.fill_(info["threshold"])
+        info["source"] = "held-out training images" if held_out else "training images (in-sample: none held out)"
+        info["seed"] = self.seed
+        info["val_fraction"] = self.val_fraction
+        model.threshold_info = info
+        text = describe_threshold(info)
+        self._print(text)
+        for note in info["notes"]:
+            self._print(f"notice: {note}")
 
     def _tensorboard(self):
         if not self.fabric.is_global_zero:
@@ -272,29 +335,47 @@ class Engine:
                 "model": model.trained_state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                # Plain data and tensors only, so the file loads weights-only (no code runs).
                 "rng": {
                     "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(),
-                    "python": random.getstate(),
+                    "numpy": _numpy_state_to_plain(np.random.get_state()),
+                    "python": _python_state_to_plain(random.getstate()),
                 },
             },
             path,
         )
 
     def _load_training_state(self, path: Path, model, optimizer, scheduler) -> int:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["params"]["hparams"] != model.params()["hparams"] or state["max_epochs"] != self.max_epochs:
-            raise RuntimeError(
-                f"{path} was written by a run with other settings. Fix: use another run name, "
-                "or delete the run folder to start again."
-            )
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        return int(state["epoch"])
+        """Restore a killed run from ``last.ckpt`` (read weights-only: opening it runs no code)."""
+        fix = (f"Fix: train with --no-resume (Python: Engine(resume=False)) to start again, use another --run-name, "
+               f"or delete {path}.")
+        try:
+            state = load_tensors(path, "training state")
+        except ModelFileError as err:
+            raise ModelFileError(f"Cannot resume: {err} {fix}") from err
+        try:
+            saved = state["params"]["hparams"]
+            mine = model.params()["hparams"]
+            if saved != mine or state["max_epochs"] != self.max_epochs:
+                differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+                if state["max_epochs"] != self.max_epochs:
+                    differ.append(f"epochs ({state['max_epochs']} then, {self.max_epochs} now)")
+                raise ModelFileError(
+                    f"Cannot resume from {path}: it was written by a run with other settings "
+                    f"({', '.join(map(str, differ[:8]))}). {fix}"
+                )
+            model.load_state_dict(state["model"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            np.random.set_state(_numpy_state_from_plain(state["rng"]["numpy"]))
+            random.setstate(_python_state_from_plain(state["rng"]["python"]))
+            return int(state["epoch"])
+        except ModelFileError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise ModelFileError(f"Cannot resume from {path}: it is incomplete or from another version "
+                                 f"({type(err).__name__}: {err}). {fix}") from err
 
     # ---- test -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -305,15 +386,23 @@ class Engine:
         category: str = "default",
         save_images: bool | None = None,
         max_images: int | None = None,
+        update_threshold: bool = False,
+        data_name: str | None = None,
     ) -> dict:
-        """Score ``samples`` (good and defective), compute metrics, fit the F1-optimal
-        threshold, append a row to ``results.csv`` and (``save_images`` or the model's
-        ``visualizer``) write heat-map overlays: all of them, or with ``max_images`` the
-        most telling ones (highest-scoring good images, lowest- and highest-scoring defects). Returns the metrics dict (``notes`` says
-        which metrics could not be computed and why)."""
+        """Measure ``model`` on ``samples`` (good and defective): image / pixel metrics, and the
+        false-reject and escape rates of the model's own verdict threshold. The model is not
+        changed, unless ``update_threshold``: then its threshold is set again by the engine's
+        rule on these images' scores (recorded as coming from this test set).
+
+        Images the model was trained on (or held out to set its threshold) are left out with a
+        notice. Appends a row to ``results.csv`` and (``save_images`` or the model's
+        ``visualizer``) writes heat-map overlays: all of them, or with ``max_images`` the most
+        telling ones (highest-scoring good images, lowest- and highest-scoring defects).
+        Returns the metrics dict (``notes`` says which metrics could not be computed and why)."""
         self._launch()
         if save_images is None:
             save_images = bool(getattr(model, "visualizer", True))
+        samples, notes = _without_training_images(model, list(samples))
         dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
         dataset.validate()
         model.to(self.fabric.device).eval()
@@ -321,8 +410,7 @@ class Engine:
         pixel = PixelMetrics() if has_masks else None
         scores, labels, maps_for_images = self._score(model, dataset, pixel)
         metrics = compute_metrics(labels, scores)
-        # Pixel metrics are streamed below, not computed from whole arrays.
-        metrics["notes"] = [n for n in metrics["notes"] if not n.startswith("pixel AUROC and AUPRO need")]
+        metrics["notes"] = notes + [n for n in metrics["notes"] if not n.startswith("pixel AUROC and AUPRO need")]
         if pixel is not None:
             try:
                 metrics.update(pixel.compute())
@@ -330,12 +418,29 @@ class Engine:
                 metrics["notes"].append(str(err))
         else:
             metrics["notes"].append("pixel AUROC and AUPRO need ground-truth masks; this test set has none")
-        if not math.isnan(metrics["image_threshold"]):
-            model.threshold.fill_(float(metrics["image_threshold"]))
+        if update_threshold:
+            info = fit_threshold(labels, scores, rule=self.threshold_rule, max_false_reject=self.max_false_reject)
+            info["source"] = f"test images of {data_name or 'a test set'} ({category}), set by --update-threshold"
+            model.threshold.fill_(info["threshold"])
+            model.threshold_info = info
+            metrics["notes"].append(f"threshold updated on these test images: {describe_threshold(info)}; "
+                                    "the rates below are now in-sample")
             if self.model_dir.joinpath("ckpt.pth").is_file() and self.fabric.is_global_zero:
-                model.save(self.model_dir)  # keep the fitted threshold with the model
+                model.save(self.model_dir)
+        threshold = float(model.threshold)
+        if not model.threshold_info:
+            metrics["notes"].append(
+                f"this model's threshold ({threshold:g}) was never fitted (an untrained model, or one saved by an "
+                "older version): its false-reject and escape rates are not meaningful. Fix: retrain, or "
+                "--update-threshold"
+            )
+        rates = verdict_rates(labels, scores, threshold)
+        metrics.update(threshold=threshold, false_reject_rate=rates["false_reject_rate"],
+                       escape_rate=rates["escape_rate"], n_good=rates["n_good"], n_defect=rates["n_defect"])
+        metrics["image_threshold_f1"] = metrics.pop("image_threshold")  # the test set's own F1-max threshold
         metrics["n_test"] = len(dataset)
         metrics["category"] = category
+        metrics["data"] = data_name or model.data_info.get("data") or ""
         if self.fabric.is_global_zero:
             self._write_results(metrics)
             if save_images:
@@ -348,11 +453,12 @@ class Engine:
                         mask = dataset[i]["mask"][0].numpy() if sample.mask_path is not None else None
                         name = f"{sample.defect_type}_{Path(sample.path).stem}.png"
                         save_overlay(folder / name, sample.path, maps_for_images[i].numpy(), float(scores[i]),
-                                     float(model.threshold), lo, hi, mask)
+                                     threshold, lo, hi, mask)
                         advance(1)
         return metrics
 
-    def _score(self, model, dataset, pixel: PixelMetrics | None = None) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    def _score(self, model, dataset, pixel: PixelMetrics | None = None,
+               description: str = "Scoring") -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """Scores ``[N]``, labels ``[N]`` and float16 maps ``[N,H,W]`` in dataset order; streams
         pixel metrics over the images whose masks are pixel-level truth.
 
@@ -368,7 +474,7 @@ class Engine:
             k: [] for k in ("score", "label", "map", "index", "mask", "has_mask", "map32")
         }
         total = len(loader.sampler) if distributed else len(dataset)
-        with progress_bar("Scoring", total=total, enabled=self.progress and fabric.is_global_zero) as advance:
+        with progress_bar(description, total=total, enabled=self.progress and fabric.is_global_zero) as advance:
             for batch in loader:
                 batch_maps, batch_scores = model(batch["image"].to(fabric.device))
                 batch_maps = batch_maps[:, 0].float().cpu()
@@ -404,53 +510,70 @@ class Engine:
         return merged["score"][pick].numpy(), merged["label"][pick].numpy(), merged["map"][pick]
 
     def _write_results(self, metrics: dict) -> None:
+        """Replace this (data, category) row of ``results.csv``; a mean row per data set with
+        more than one category (never a mean across data sets)."""
         path = self.run_dir / "results.csv"
         rows = []
         if path.is_file():
             with open(path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if r["category"] not in (metrics["category"], "mean")]
+                rows = [r for r in csv.DictReader(fh)
+                        if r.get("category") != "mean" and "data" in r
+                        and (r["data"], r["category"]) != (str(metrics["data"]), metrics["category"])]
         rows.append({k: metrics.get(k) for k in RESULT_COLUMNS})
-        if len(rows) > 1:
-            mean = {"category": "mean"}
-            for key in RESULT_COLUMNS[1:]:
-                values = [float(r[key]) for r in rows if r[key] not in (None, "", "nan")]
-                mean[key] = float(np.mean(values)) if values else math.nan
-            mean["n_test"] = int(sum(int(float(r["n_test"])) for r in rows))
-            rows.append(mean)
+        out = []
+        for data in dict.fromkeys(str(r["data"]) for r in rows):
+            group = [r for r in rows if str(r["data"]) == data]
+            out.extend(group)
+            if len(group) > 1:
+                mean = {"data": data, "category": "mean"}
+                for key in RESULT_COLUMNS[2:]:
+                    values = [float(r[key]) for r in group if r[key] not in (None, "", "nan")]
+                    mean[key] = float(np.mean(values)) if values else math.nan
+                for key in ("n_good", "n_defect", "n_test"):
+                    mean[key] = int(sum(int(float(r[key] or 0)) for r in group))
+                out.append(mean)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
             writer.writeheader()
-            for row in rows:
+            for row in out:
                 writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
         tmp.replace(path)
 
     # ---- predict ----------------------------------------------------------------------
     @torch.inference_mode()
     def predict(
-        self, model, paths: list[str | Path], output_dir: str | Path | None = None, save_images: bool = True
+        self,
+        model,
+        paths: list[str | Path],
+        output_dir: str | Path | None = None,
+        save_images: bool = True,
+        threshold: float | None = None,
     ) -> list[dict]:
         """Score image files; with ``output_dir``, write ``predictions.csv`` and overlays there.
-        Returns ``[{"path", "score", "is_defect"}]`` in input order."""
+        ``threshold`` overrides the model's own for this call. Returns
+        ``[{"path", "score", "is_defect", "threshold"}]`` in input order."""
         self._launch()
         samples = [Sample(path=Path(p), label=0) for p in paths]
         if not samples:
             raise DataError("Nothing to predict: no image files were given.")
+        if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
         dataset.validate()
         model.to(self.fabric.device).eval()
         scores, _, maps = self._score(model, dataset)
-        threshold = float(model.threshold)
+        threshold = float(model.threshold) if threshold is None else float(threshold)
         results = [
-            {"path": str(s.path), "score": float(sc), "is_defect": bool(sc >= threshold)}
+            {"path": str(s.path), "score": float(sc), "is_defect": bool(sc >= threshold), "threshold": threshold}
             for s, sc in zip(dataset.samples, scores)
         ]
         if output_dir is not None and self.fabric.is_global_zero:
             out = Path(output_dir)
             out.mkdir(parents=True, exist_ok=True)
             with open(out / "predictions.csv", "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=["path", "score", "is_defect"])
+                writer = csv.DictWriter(fh, fieldnames=["path", "score", "is_defect", "threshold"])
                 writer.writeheader()
                 writer.writerows(results)
             lo, hi = _overlay_range(model, maps)
@@ -458,6 +581,61 @@ class Engine:
                 save_overlay(out / "images" / f"{i:05d}_{s.path.stem}.png", s.path, maps[i].float().numpy(),
                              float(scores[i]), threshold, lo, hi)
         return results
+
+
+def _without_training_images(model, samples: list[Sample]) -> tuple[list[Sample], list[str]]:
+    """``samples`` less the images ``model`` was trained on or set its threshold on (their
+    scores would flatter it), and a note saying how many were left out."""
+    seen = set(model.data_info.get("train_images", [])) | set(model.data_info.get("validation_images", []))
+    if not seen:
+        return samples, []
+    seen = {str(Path(p).resolve()) for p in seen} | seen
+    kept = [s for s in samples if str(s.path) not in seen and str(Path(s.path).resolve()) not in seen]
+    if len(kept) == len(samples):
+        return samples, []
+    left = len(samples) - len(kept)
+    if not kept:
+        raise DataError(
+            f"All {len(samples)} test images were used to train this model (or to set its threshold): there is "
+            "nothing to test on. Fix: test on images the model has not seen."
+        )
+    return kept, [f"{left} test image(s) were used in training or to set the threshold and are left out"]
+
+
+def describe_threshold(info: dict) -> str:
+    """One line on a threshold: value, rule, data, and the false-reject rate it promises."""
+    text = f"Threshold {info['threshold']:.4g}"
+    if info.get("rule") == "f1":
+        text += f" (best F1 on {info['n_defect']} held-out defects and {info['n_good']} good images"
+    else:
+        text += f" (false-reject rule, {info['max_false_reject']:.2%} asked, on {info['n_good']} good images"
+    text += f" from the {info.get('source', 'training side')})"
+    if info.get("expected_false_reject") is not None:
+        lo, hi = info["false_reject_interval"]
+        text += (f": expected false-reject rate {info['expected_false_reject']:.2%} "
+                 f"({info.get('confidence', 0.95):.0%} interval {lo:.2%}-{hi:.2%})")
+    return text
+
+
+def _numpy_state_to_plain(state) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _numpy_state_from_plain(state: dict):
+    keys = np.asarray(state["keys"].numpy(), dtype=np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+
+
+def _python_state_to_plain(state) -> list:
+    version, internal, gauss = state
+    return [int(version), [int(v) for v in internal], gauss]
+
+
+def _python_state_from_plain(state) -> tuple:
+    version, internal, gauss = state
+    return (int(version), tuple(int(v) for v in internal), gauss)
 
 
 def _compile_trainable_modules(model) -> list[str]:

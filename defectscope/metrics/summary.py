@@ -46,10 +46,17 @@ def compute_metrics(labels, scores, masks=None, maps=None, *, fpr_limit: float =
         result["image_auroc"] = image_auroc(labels, scores)
     except MetricUndefinedError as err:
         notes.append(str(err))
-    try:
-        result["image_f1_max"], result["image_threshold"] = f1_max(labels, scores)
-    except MetricUndefinedError as err:
-        notes.append(str(err))
+    if not (labels == 0).any():
+        # F1 would be 1 at the lowest score: a number that says nothing about telling images apart.
+        notes.append(
+            f"image F1-max needs good test images to tell apart from defects; all {labels.size} test images are "
+            "defective, so it is not reported"
+        )
+    else:
+        try:
+            result["image_f1_max"], result["image_threshold"] = f1_max(labels, scores)
+        except MetricUndefinedError as err:
+            notes.append(str(err))
 
     missing = [name for name, value in (("masks", masks), ("maps", maps)) if value is None]
     if missing:

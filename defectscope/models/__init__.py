@@ -1,6 +1,7 @@
 """Models: one self-contained file per architecture and a small registry by name."""
 
-from defectscope.models.base import AnomalyModel, find_model_dir
+from defectscope.models.base import AnomalyModel, find_model_dir, list_model_dirs
+from defectscope.models.model_files import ModelFileError
 from defectscope.models.simplenet import SimpleNet
 from defectscope.models.supersimplenet import SuperSimpleNet
 
@@ -27,10 +28,11 @@ def create_model(name: str, **kwargs) -> AnomalyModel:
     return MODELS[key](**kwargs)
 
 
-def load_model(path, weights=None) -> AnomalyModel:
-    """Rebuild a trained model from a run folder (or its models/0 folder) using params.pkl."""
-    return AnomalyModel.load_from_path(path, weights=weights)
+def load_model(path, weights=None, category=None) -> AnomalyModel:
+    """Rebuild a trained model from a run folder (or its models/<n> folder) using params.json;
+    ``category`` picks the model of a multi-category run."""
+    return AnomalyModel.load_from_path(path, weights=weights, category=category)
 
 
-__all__ = ["AnomalyModel", "MODELS", "SimpleNet", "SuperSimpleNet", "create_model", "find_model_dir", "load_model",
+__all__ = ["AnomalyModel", "MODELS", "ModelFileError", "list_model_dirs", "SimpleNet", "SuperSimpleNet", "create_model", "find_model_dir", "load_model",
            "model_key"]

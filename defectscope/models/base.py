@@ -1,7 +1,7 @@
 """What every defectscope model shares: a frozen backbone, pre-processing, ``predict`` and
 saving / loading of its own weights.
 
-A model keeps its constructor arguments in ``self.hparams`` so that ``params.pkl`` can
+A model keeps its constructor arguments in ``self.hparams`` so that ``params.json`` can
 rebuild it; ``ckpt.pth`` holds only the trained parts (never the frozen backbone, whose
 weights are resolved again on load and checked against a fingerprint).
 """
@@ -9,23 +9,30 @@ weights are resolved again on load and checked against a fingerprint).
 from __future__ import annotations
 
 import functools
-import os
-import pickle
-import tempfile
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from defectscope.backbones import FeatureExtractor
 
-CKPT_NAME = "ckpt.pth"
-PARAMS_NAME = "params.pkl"
-FORMAT_VERSION = 1
+from defectscope.models.model_files import (
+    CKPT_NAME,
+    FORMAT_VERSION,
+    LEGACY_PARAMS_NAME,
+    PARAMS_NAME,
+    ModelFileError,
+    atomic_write,
+    load_tensors,
+    read_params,
+    save_tensors,
+    to_plain,
+    write_params,
+)
 
 
 class hybridmethod:
@@ -40,37 +47,88 @@ class hybridmethod:
 
 
 def atomic_save(obj: Any, path: str | Path, use_torch: bool = True) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a
-    half-written file where a good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    """Write ``obj`` to ``path`` through a temporary file and a rename, so a crash never leaves
+    a half-written file where a good one was: with ``torch.save`` (tensors and plain data,
+    readable weights-only) or, with ``use_torch=False``, as JSON."""
+    if use_torch:
+        save_tensors(obj, path)
+    else:
+        text = json.dumps(to_plain(obj), indent=2, allow_nan=False)
+        atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _is_model_dir(folder: Path) -> bool:
+    return (folder / CKPT_NAME).is_file() and ((folder / PARAMS_NAME).is_file() or (folder / LEGACY_PARAMS_NAME).is_file())
+
+
+def model_category(folder: Path) -> str | None:
+    """The category a model folder was trained on (None when its files do not say)."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            if use_torch:
-                torch.save(obj, fh)
-            else:
-                pickle.dump(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        params = read_params(folder)
+    except ModelFileError:
+        return None
+    data = params.get("data")
+    return data.get("category") if isinstance(data, dict) else None
 
 
-def find_model_dir(path: str | Path) -> Path:
-    """Accept a run folder, its ``models/`` folder, ``models/<n>`` or a ``ckpt.pth`` file."""
+def list_model_dirs(path: str | Path) -> list[Path]:
+    """Model folders of a run folder (``models/<n>``) or of a ``models/`` folder, in index order."""
     path = Path(path)
-    candidates = [path.parent] if path.is_file() else [path, path / "0", path / "models" / "0"]
-    for folder in candidates:
-        if (folder / CKPT_NAME).is_file() and (folder / PARAMS_NAME).is_file():
-            return folder
-    raise FileNotFoundError(
-        f"No trained model at '{path}': expected {CKPT_NAME} and {PARAMS_NAME} in it or in "
-        f"'models/0' below it (a run folder such as results/<project>/<group>/<run_name>). "
-        "Train one with `defectscope train`."
-    )
+    for root in (path / "models", path):
+        if root.is_dir():
+            found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and _is_model_dir(p)]
+            if found:
+                return sorted(found, key=lambda p: int(p.name))
+    return []
+
+
+def find_model_dir(path: str | Path, category: str | None = None) -> Path:
+    """The model folder meant by ``path``: a run folder, its ``models/`` folder, ``models/<n>``,
+    or a file in one (``ckpt.pth``, ``params.json``).
+
+    A run with several models (one per category) needs ``category``, which picks the model
+    trained on it; without one, the error lists what the run holds. A ``category`` that the
+    chosen model was not trained on is refused too.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No trained model at '{path}': the path does not exist. Fix: pass a run folder such as "
+            "results/<project>/<group>/<run_name> (written by `defectscope train`)."
+        )
+    if path.is_file():
+        path = path.parent
+    if _is_model_dir(path):
+        folders = [path]
+    else:
+        folders = list_model_dirs(path)
+    if not folders:
+        raise FileNotFoundError(
+            f"No trained model at '{path}': expected {CKPT_NAME} and {PARAMS_NAME} in it or in "
+            "'models/<n>' below it (a run folder such as results/<project>/<group>/<run_name>). "
+            "Train one with `defectscope train`."
+        )
+    held = [(folder, model_category(folder)) for folder in folders]
+    if category is not None:
+        matching = [folder for folder, cat in held if cat == category]
+        if not matching and len(held) == 1 and held[0][1] is None:
+            return held[0][0]  # an older model that does not record its category
+        if not matching:
+            raise ModelFileError(
+                f"No model for category {category!r} in '{path}'; it holds: {_describe_models(held)}. "
+                "Fix: pass one of those categories."
+            )
+        return matching[0]
+    if len(held) > 1:
+        raise ModelFileError(
+            f"'{path}' holds {len(held)} models: {_describe_models(held)}. Fix: choose one with --category "
+            "<name> (Python: category=...), or pass its models/<n> folder."
+        )
+    return held[0][0]
+
+
+def _describe_models(held: list[tuple[Path, str | None]]) -> str:
+    return ", ".join(f"models/{folder.name} ({cat or 'category not recorded'})" for folder, cat in held)
 
 
 class AnomalyModel(nn.Module):
@@ -104,8 +162,15 @@ class AnomalyModel(nn.Module):
         self.post_processor = post_processor
         self.evaluator = evaluator
         self.visualizer = visualizer
-        # Fitted at test time on held-out data (F1-optimal), 0.5 until then.
+        # Image-score threshold of the good/defect verdict: set by training from held-out
+        # training-side images (defectscope.metrics.threshold), never from a test set.
+        # ``threshold_info`` says where it came from; empty while the model is untrained.
         self.register_buffer("threshold", torch.tensor(0.5))
+        self.threshold_info: dict[str, Any] = {}
+        # The data the model was trained on (category, data-set settings, image lists).
+        self.data_info: dict[str, Any] = {}
+        # Training settings (epochs, seed, regime, ...), recorded by the engine.
+        self.training_info: dict[str, Any] = {}
         self.hparams: dict[str, Any] = dict(
             backbone=backbone,
             layers=list(self.feature_extractor.layers),
@@ -120,42 +185,25 @@ class AnomalyModel(nn.Module):
 
     # ---- pre-processing ---------------------------------------------------------------
     def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Path / PIL image / numpy array (HxW or HxWxC, uint8 or float in [0,1]) / tensor
-        ([C,H,W] or [B,C,H,W] in [0,1]) -> normalised batch ``[B,3,H,W]`` and original (h, w)."""
-        from defectscope.data import load_image
+        """Path / PIL image / numpy array / tensor -> normalised batch ``[B,3,H,W]`` and the
+        original (h, w).
 
-        if isinstance(image, (str, Path)):
-            image = load_image(image)
-        if isinstance(image, Image.Image):
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
-        elif isinstance(image, np.ndarray):
-            arr = image
-            if arr.ndim == 2:
-                arr = arr[:, :, None]
-            if arr.ndim != 3:
-                raise ValueError(f"expected an HxW or HxWxC array, got shape {image.shape}")
-            arr = arr[:, :, :3]
-            scale = 255.0 if arr.dtype == np.uint8 else (65535.0 if arr.dtype == np.uint16 else 1.0)
-            image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / scale
-        if not isinstance(image, torch.Tensor):
-            raise TypeError(f"predict takes a path, PIL image, numpy array or tensor, got {type(image).__name__}")
-        x = image.float()
-        if x.dim() == 3:
-            x = x[None]
-        if x.dim() != 4 or x.shape[1] not in (1, 3, 4):
-            raise ValueError(f"expected an image tensor [C,H,W] or [B,C,H,W] with 1, 3 or 4 channels, got {tuple(image.shape)}")
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = x[:, :3]
+        Value ranges and layouts follow :mod:`defectscope.data.arrays`: uint8 is 0..255, uint16
+        0..65535 (read as 16-bit files are), floats must lie in [0, 1]; numpy images are HxW or
+        HxWxC, tensors [C,H,W] or [B,C,H,W], with 1, 3 or 4 channels (alpha dropped). Ambiguous
+        inputs (bool or other integer dtypes, floats outside [0, 1], NaN, channels in the wrong
+        place, empty arrays) raise :class:`~defectscope.data.DataError` with the fix.
+        """
+        from defectscope.data.arrays import to_batch
+
+        x = to_batch(image)
         original = tuple(x.shape[-2:])
         if not self.pre_processor:
             return x, original
         if original != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", antialias=True, align_corners=False)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std, original
 
     @torch.inference_mode()
@@ -188,64 +236,121 @@ class AnomalyModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("feature_extractor.")}
 
     def params(self) -> dict[str, Any]:
+        """Everything but the tensors, as plain data (written to ``params.json``)."""
         return {
             "format_version": FORMAT_VERSION,
             "model": self.name,
-            "hparams": dict(self.hparams),
-            "mean": self.mean,
-            "std": self.std,
+            "hparams": to_plain(dict(self.hparams), "hparams"),
+            "mean": list(self.mean),
+            "std": list(self.std),
             "backbone_fingerprint": self.feature_extractor.fingerprint,
             "backbone_weights_source": self.feature_extractor.weights_source,
+            "threshold": float(self.threshold),
+            "threshold_info": dict(self.threshold_info),
+            "data": dict(self.data_info),
+            "training": dict(self.training_info),
         }
 
     def save(self, model_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``ckpt.pth`` and ``params.pkl`` into ``model_dir`` (atomically)."""
+        """Write ``ckpt.pth`` (tensors) and ``params.json`` (settings) into ``model_dir``,
+        atomically; a legacy ``params.pkl`` there is removed (``params.json`` supersedes it)."""
         model_dir = Path(model_dir)
         params = self.params()
         if extra:
             params.update(extra)
-        atomic_save({"state_dict": self.trained_state_dict(), "model": self.name}, model_dir / CKPT_NAME)
-        atomic_save(params, model_dir / PARAMS_NAME, use_torch=False)
+        save_tensors({"state_dict": self.trained_state_dict(), "model": self.name}, model_dir / CKPT_NAME)
+        write_params(model_dir / PARAMS_NAME, params)
+        (model_dir / LEGACY_PARAMS_NAME).unlink(missing_ok=True)
         return model_dir
 
     @hybridmethod
-    def load_from_path(cls, self, path: str | Path, weights: str | None = None):
-        """Load a trained model from a run folder, its ``models/0`` folder or ``ckpt.pth``.
+    def load_from_path(cls, self, path: str | Path, weights: str | None = None, category: str | None = None):
+        """Load a trained model from a run folder, its ``models/<n>`` folder or ``ckpt.pth``.
 
         On the class (``SuperSimpleNet.load_from_path(p)``) it builds a new model from
-        ``params.pkl``; on an instance (``net.load_from_path(p)``) it loads the weights into it.
-        ``weights`` overrides the backbone weights file recorded at training time.
-        """
-        folder = find_model_dir(path)
-        with open(folder / PARAMS_NAME, "rb") as fh:
-            params = pickle.load(fh)
-        if self is None:
-            from defectscope.models import MODELS
+        ``params.json``; on an instance (``net.load_from_path(p)``) it loads the weights into it
+        and applies the saved threshold and records, after checking that the instance was built
+        with the same settings (a mismatch is refused, naming the settings that differ).
+        ``weights`` overrides the backbone weights file recorded at training time; ``category``
+        picks the model of a multi-category run. Opening the files never runs code (JSON, and
+        tensors loaded weights-only)."""
+        folder = find_model_dir(path, category=category)
+        params = read_params(folder)
+        saved_name = params["model"]
+        from defectscope.models import MODELS, model_key
 
-            model_cls = MODELS[params["model"]] if cls is AnomalyModel else cls
-            hparams = dict(params["hparams"])
-            if weights is not None:
-                hparams["weights"] = weights
-            self = model_cls(**hparams)
-        state = torch.load(folder / CKPT_NAME, map_location="cpu", weights_only=True)
+        wanted = None if cls is AnomalyModel and self is None else (type(self) if self is not None else cls)
+        if wanted is not None and model_key(saved_name) != model_key(wanted.name):
+            raise ModelFileError(
+                f"{folder} holds a {saved_name} model, not a {wanted.name}. Fix: load it with "
+                f"defectscope.models.load_model(path), which builds whatever model the folder holds."
+            )
+        hparams = dict(params["hparams"])
+        if weights is not None:
+            hparams["weights"] = str(weights)
+        if self is None:
+            model_cls = MODELS.get(model_key(saved_name)) if cls is AnomalyModel else cls
+            if model_cls is None:
+                raise ModelFileError(
+                    f"{folder} holds a model named {saved_name!r}, which this defectscope does not have "
+                    f"(it has {', '.join(MODELS)}). Fix: open it with the defectscope version that wrote it."
+                )
+            try:
+                self = model_cls(**hparams)
+            except TypeError as err:
+                raise ModelFileError(
+                    f"{folder}: its settings do not fit this defectscope's {saved_name} ({err}). Fix: open it "
+                    "with the defectscope version that wrote it, or retrain."
+                ) from err
+        else:
+            self._check_same_settings(hparams, folder)
+        state = load_tensors(folder / CKPT_NAME, "model weights")
+        if not isinstance(state.get("state_dict"), dict):
+            raise ModelFileError(f"{folder / CKPT_NAME} holds no 'state_dict'. Fix: retrain the model.")
         missing, unexpected = self.load_state_dict(state["state_dict"], strict=False)
         missing = [k for k in missing if not k.startswith("feature_extractor.")]
         if missing or unexpected:
-            raise RuntimeError(
+            raise ModelFileError(
                 f"{folder / CKPT_NAME} does not fit this {type(self).__name__}: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}. Was it trained with other settings? Load it with "
-                "defectscope.models.load_model(path) to rebuild from params.pkl."
+                "defectscope.models.load_model(path) to rebuild it from params.json."
             )
         fingerprint = params.get("backbone_fingerprint")
         if fingerprint and fingerprint != self.feature_extractor.fingerprint:
-            raise RuntimeError(
+            raise ModelFileError(
                 f"The backbone weights now loaded ({self.feature_extractor.weights_source}) differ from the ones "
                 f"this model was trained with ({params.get('backbone_weights_source')}). Pass the same weights "
                 "file (weights=...) the model was trained with."
             )
+        if "threshold" in params and params["threshold"] is not None:
+            self.threshold.fill_(float(params["threshold"]))
+        self.threshold_info = dict(params.get("threshold_info") or {})
+        if not self.threshold_info and params.get("format_version") == 1:
+            self.threshold_info = {"source": "unknown (a model saved before thresholds were recorded)"}
+        self.data_info = dict(params.get("data") or {})
+        self.training_info = dict(params.get("training") or {})
+        for key in ("epochs", "seed", "train_size", "regime"):  # format 1 kept these at the top level
+            if key in params and key not in self.training_info:
+                self.training_info[key] = params[key]
         self.load_params(params)
         self.eval()
         return self
 
+    def _check_same_settings(self, saved: dict[str, Any], folder: Path) -> None:
+        """Refuse to load weights into an instance built with other settings (the weights
+        would be scored with pre-processing or heads they were not trained with)."""
+        mine = to_plain(dict(self.hparams), "hparams")
+        saved = to_plain(saved, "hparams")
+        # Set by training, not by the user: the saved value is applied by load_params.
+        ignored = {"weights", "supervised"}
+        differ = sorted(k for k in set(mine) | set(saved) if k not in ignored and mine.get(k) != saved.get(k))
+        if differ:
+            listed = "; ".join(f"{k}: this instance {mine.get(k)!r}, saved {saved.get(k)!r}" for k in differ[:8])
+            raise ModelFileError(
+                f"{folder} was trained with other settings than this {type(self).__name__} ({listed}). "
+                f"Fix: build the model from the saved settings with {type(self).__name__}.load_from_path(path) "
+                "on the class (or defectscope.models.load_model(path)), or create the instance with the saved settings."
+            )
+
     def load_params(self, params: dict[str, Any]) -> None:
-        """Restore state kept in ``params.pkl`` beyond the constructor arguments (none here)."""
+        """Restore state kept in ``params.json`` beyond the constructor arguments (none here)."""

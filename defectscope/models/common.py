@@ -158,18 +158,25 @@ class GaussianBlur2d(nn.Module):
         key = (n, mode, kernel.dtype)
         cache = self._matrices
         if key not in cache:
-            size = len(kernel)
-            pos = torch.arange(n)[:, None] + torch.arange(size)[None, :] - size // 2
-            if mode == "reflect":  # -1 -> 1, n -> n - 2 (edge not repeated), as F.pad's reflect
-                pos = pos.abs()
-                pos = torch.where(pos >= n, 2 * (n - 1) - pos, pos)
-            else:
-                pos = pos.clamp(0, n - 1)
-            matrix = torch.zeros(n, n, dtype=kernel.dtype)
-            cols = torch.arange(n).repeat_interleave(size)
-            matrix.index_put_((pos.reshape(-1), cols), kernel.cpu().repeat(n), accumulate=True)
-            cache[key] = matrix
+            # A normal tensor even when first built under torch.inference_mode (scoring a
+            # validation set): an inference tensor in the cache would break later autograd use.
+            with torch.inference_mode(False):
+                cache[key] = self._build_matrix(n, mode, kernel.clone())
         return cache[key]
+
+    @staticmethod
+    def _build_matrix(n: int, mode: str, kernel: torch.Tensor) -> torch.Tensor:
+        size = len(kernel)
+        pos = torch.arange(n)[:, None] + torch.arange(size)[None, :] - size // 2
+        if mode == "reflect":  # -1 -> 1, n -> n - 2 (edge not repeated), as F.pad's reflect
+            pos = pos.abs()
+            pos = torch.where(pos >= n, 2 * (n - 1) - pos, pos)
+        else:
+            pos = pos.clamp(0, n - 1)
+        matrix = torch.zeros(n, n, dtype=kernel.dtype)
+        cols = torch.arange(n).repeat_interleave(size)
+        matrix.index_put_((pos.reshape(-1), cols), kernel.cpu().repeat(n), accumulate=True)
+        return matrix
 
 
 # Largest map side smoothed by matrix products on CPU (above it the convolution is cheaper:

@@ -238,7 +238,7 @@ class SuperSimpleNet(AnomalyModel):
         self.supervised_grad_clip = supervised_grad_clip
         self.image_score = image_score
         self.train_unused_classifier = train_unused_classifier
-        # Set by training: True when the classification head was left out (saved in params.pkl).
+        # Set by training: True when the classification head was left out (saved in params.json).
         self.classifier_skipped = False
         self.stop_grad = not supervised
         self.grad_clip = supervised_grad_clip if supervised else None
@@ -265,6 +265,10 @@ class SuperSimpleNet(AnomalyModel):
         return {**super().params(), "classifier_skipped": self.classifier_skipped}
 
     def load_params(self, params: dict) -> None:
+        supervised = params.get("hparams", {}).get("supervised")
+        if supervised is not None and bool(supervised) != self.supervised:
+            # Loading into an instance: the regime is set by training, so the saved one applies.
+            self.set_regime("weakly" if supervised else "unsupervised")
         self.classifier_skipped = bool(params.get("classifier_skipped", False))
 
     # ---- features ---------------------------------------------------------------------

@@ -83,8 +83,9 @@ CACHE_SCRIPT = textwrap.dedent(
     split = mvtec_split(root, category)
     torch.manual_seed(0)
     model = SuperSimpleNet(backbone="efficientnet_lite0", image_size=64, upscale_factor=1)
+    # val_fraction=0: the cache holds every training image, as the one-process cache below.
     engine = Engine(results_path=results, run_name="ddp-cache", max_epochs=1, batch_size=3, accelerator="cpu",
-                    devices=2, strategy="ddp", progress=False)
+                    devices=2, strategy="ddp", progress=False, val_fraction=0)
 
     def recorded(name, model, dataset, fabric, **kwargs):
         # extract_features, saving what this process got and how many images it ran through the backbone.

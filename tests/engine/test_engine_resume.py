@@ -6,9 +6,10 @@ import os
 
 import pytest
 import torch
+from defectscope.models import ModelFileError
 from _engine_helpers import CATEGORIES, EPOCHS, assert_same_state, build_model, make_engine, trained_state
 
-METRICS = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_threshold"]
+METRICS = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold", "false_reject_rate", "escape_rate"]
 
 
 def _test_metrics(engine, model, splits) -> dict:
@@ -46,7 +47,7 @@ def test_interrupted_run_resumes_to_the_same_model(reference_run, splits, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         first.fit(build_model(), train)
     model_dir = first.run_dir / "models" / "0"
-    assert torch.load(model_dir / "last.ckpt", weights_only=False)["epoch"] == stop_after + 1
+    assert torch.load(model_dir / "last.ckpt", weights_only=True)["epoch"] == stop_after + 1
     assert not (model_dir / "ckpt.pth").exists()
 
     epochs_run = []
@@ -62,8 +63,11 @@ def test_interrupted_run_resumes_to_the_same_model(reference_run, splits, tmp_pa
 def test_resume_refuses_a_run_with_other_settings(splits, tmp_path):
     train = splits[CATEGORIES[0]].train
     make_engine(tmp_path, "run", max_epochs=1).fit(build_model(), train)
-    with pytest.raises(RuntimeError, match="other settings"):
+    with pytest.raises(ModelFileError, match="other settings") as err:
         make_engine(tmp_path, "run", max_epochs=2).fit(build_model(), train)
+    assert "epochs (1 then, 2 now)" in str(err.value) and "--no-resume" in str(err.value)
+    with pytest.raises(ModelFileError, match="lr_scale") as err:
+        make_engine(tmp_path, "run", max_epochs=1).fit(build_model(lr_scale=3.0), train)
     # Starting again on purpose is allowed.
     make_engine(tmp_path, "run", max_epochs=2, resume=False).fit(build_model(), train)
 
@@ -91,7 +95,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(reference_run, splits, t
     monkeypatch.undo()
     assert os.listdir(model_dir) == ["last.ckpt"]  # no temporary file left behind
     assert len(snapshots) == 1 and (model_dir / "last.ckpt").read_bytes() == snapshots[0]  # intact
-    state = torch.load(model_dir / "last.ckpt", weights_only=False)
+    state = torch.load(model_dir / "last.ckpt", weights_only=True)
     assert state["epoch"] == 1
 
     # The run resumes from the surviving checkpoint and ends where an uninterrupted run ends.

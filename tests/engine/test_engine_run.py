@@ -17,19 +17,20 @@ from defectscope.data import DataError
 from defectscope.engine import Engine
 from defectscope.models import SuperSimpleNet
 
-METRIC_COLUMNS = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_threshold"]
+METRIC_COLUMNS = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold", "false_reject_rate", "escape_rate"]
 
 
 def test_run_folder_layout(reference_run):
     run_dir = reference_run["run_dir"]
     assert run_dir.parts[-3:] == ("proj", "grp", "reference")  # <results>/<project>/<group>/<run_name>
     model_dir = run_dir / "models" / "0"
-    for name in ("ckpt.pth", "params.pkl", "last.ckpt"):
+    for name in ("ckpt.pth", "params.json", "last.ckpt"):
         assert (model_dir / name).is_file() and (model_dir / name).stat().st_size > 0, name
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob("*.partial*"))
-    state = torch.load(model_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not (model_dir / "params.pkl").exists()
+    state = torch.load(model_dir / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["epoch"] == EPOCHS
 
 
@@ -81,11 +82,13 @@ def test_image_metrics_agree_with_predict_and_sklearn(reference_run, splits):
     labels = np.array([s.label for s in samples])
     metrics = reference_run["metrics"][1]
     assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
-    # The fitted threshold was kept with the model, in memory and on disk.
-    assert float(model.threshold) == pytest.approx(metrics["image_threshold"])
+    # Testing reports the saved threshold's rates and never changes it (in memory or on disk).
+    assert float(model.threshold) == reference_run["first_threshold"] == metrics["threshold"]
+    assert metrics["false_reject_rate"] == np.mean(scores[labels == 0] >= metrics["threshold"])
+    assert metrics["escape_rate"] == np.mean(scores[labels == 1] < metrics["threshold"])
     reloaded = SuperSimpleNet.load_from_path(reference_run["run_dir"])
-    assert float(reloaded.threshold) == pytest.approx(metrics["image_threshold"])
-    assert reference_run["first_threshold"] == pytest.approx(reference_run["metrics"][0]["image_threshold"])
+    assert float(reloaded.threshold) == metrics["threshold"]
+    assert reloaded.threshold_info["source"] == "held-out training images"
 
 
 def test_overlays_written_per_category(reference_run, splits):

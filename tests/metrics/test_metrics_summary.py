@@ -52,7 +52,10 @@ def test_only_defective_images_and_no_masks():
     labels, scores, masks, maps = _test_set()
     result = compute_metrics(np.ones_like(labels), scores)
     assert math.isnan(result["image_auroc"]) and math.isnan(result["pixel_auroc"]) and math.isnan(result["aupro"])
-    assert result["image_f1_max"] == 1.0  # every image predicted defective is right
+    # F1 would be 1.0 (every image called defective is right), which says nothing: not reported.
+    assert math.isnan(result["image_f1_max"]) and math.isnan(result["image_threshold"])
+    assert any("all 7 test images are defective, so it is not reported" in note for note in result["notes"]) \
+        or any("F1-max needs good test images" in note for note in result["notes"])
     assert any("only defective images" in note and "good (0) is missing" in note for note in result["notes"])
     assert any("masks and maps were not given" in note for note in result["notes"])
     partial = compute_metrics(labels, scores, masks=masks)

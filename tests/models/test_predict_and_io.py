@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from defectscope.data import DataError
-from defectscope.models import AnomalyModel, SuperSimpleNet, load_model
+from defectscope.models import AnomalyModel, ModelFileError, SuperSimpleNet, load_model, model_files
 from defectscope.models.base import atomic_save
 
 
@@ -127,7 +127,7 @@ def trained_like(make_ssn):
 def test_save_then_load_from_path_gives_identical_outputs(trained_like, make_ssn, images, tmp_path):
     run_dir = tmp_path / "results" / "p" / "g" / "run"
     model_dir = trained_like.save(run_dir / "models" / "0")
-    assert sorted(p.name for p in model_dir.iterdir()) == ["ckpt.pth", "params.pkl"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["ckpt.pth", "params.json"]
     checkpoint = torch.load(model_dir / "ckpt.pth", weights_only=True)
     assert not any(k.startswith("feature_extractor.") for k in checkpoint["state_dict"])  # no frozen backbone
 
@@ -166,45 +166,45 @@ def test_load_from_empty_folder_names_it(tmp_path):
 
 def test_backbone_fingerprint_mismatch_raises(trained_like, make_ssn, tmp_path):
     model_dir = trained_like.save(tmp_path / "models" / "0")
-    # Same architecture, other backbone weights (random): the features would differ.
+    # An instance built with other backbone weights (random) is refused: other settings.
     other = make_ssn(pretrained=False)
-    with pytest.raises(RuntimeError, match="backbone weights"):
+    with pytest.raises(ModelFileError, match="pretrained: this instance False, saved True"):
         other.load_from_path(model_dir)
     # A checkpoint recorded with other weights than the ones found now.
-    with open(model_dir / "params.pkl", "rb") as fh:
-        params = pickle.load(fh)
+    params = json.loads((model_dir / "params.json").read_text())
     params["backbone_fingerprint"] = "0" * 16
-    with open(model_dir / "params.pkl", "wb") as fh:
-        pickle.dump(params, fh)
-    with pytest.raises(RuntimeError, match="backbone weights"):
+    (model_dir / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ModelFileError, match="backbone weights"):
         SuperSimpleNet.load_from_path(model_dir)
 
 
 def test_load_into_a_model_of_another_shape_raises(trained_like, make_ssn, tmp_path):
     model_dir = trained_like.save(tmp_path / "models" / "0")
     other = make_ssn(standardize_features=False)  # no standardiser buffers
-    with pytest.raises(RuntimeError, match="does not fit"):
+    with pytest.raises(ModelFileError, match="standardize_features: this instance False, saved True"):
         other.load_from_path(model_dir)
+    # Weights that do not fit the architecture the settings build.
+    state = torch.load(model_dir / "ckpt.pth", weights_only=True)
+    del state["state_dict"]["adaptor.weight"]
+    torch.save(state, model_dir / "ckpt.pth")
+    with pytest.raises(ModelFileError, match="does not fit"):
+        SuperSimpleNet.load_from_path(model_dir)
 
 
 @pytest.mark.parametrize("use_torch", [True, False])
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch, use_torch):
-    path = tmp_path / ("state.pth" if use_torch else "params.pkl")
-    atomic_save({"version": 1, "x": torch.arange(5)}, path, use_torch=use_torch)
+    path = tmp_path / ("state.pth" if use_torch else "params.json")
+    atomic_save({"version": 1, "x": torch.arange(5) if use_torch else list(range(5))}, path, use_torch=use_torch)
     before = path.read_bytes()
 
-    def broken(obj, fh, *args, **kwargs):
-        fh.write(b"half a checkpoint")
-        raise OSError("disk full")
+    def broken(fd):
+        raise OSError("disk full")  # after the new bytes went into the temporary file
 
-    if use_torch:
-        monkeypatch.setattr(torch, "save", broken)
-    else:
-        monkeypatch.setattr(pickle, "dump", broken)
+    monkeypatch.setattr(model_files.os, "fsync", broken)
     with pytest.raises(OSError, match="disk full"):
         atomic_save({"version": 2}, path, use_torch=use_torch)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == [path.name]  # no temporary file left behind
     monkeypatch.undo()
-    loaded = torch.load(path, weights_only=True) if use_torch else pickle.loads(Path(path).read_bytes())
+    loaded = torch.load(path, weights_only=True) if use_torch else json.loads(Path(path).read_text())
     assert loaded["version"] == 1
