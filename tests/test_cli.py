@@ -283,3 +283,75 @@ def test_adaptor_init_reaches_the_model(monkeypatch, data_root, tmp_path):
     assert run_cli([*common, "--run-name", "a"]) == 0
     assert run_cli([*common, "--run-name", "b", "--adaptor-init", "xavier"]) == 0
     assert [kw["adaptor_init"] for kw in built] == ["orthogonal", "xavier"]
+
+
+# ---- verdicts: threshold override, multi-category runs, runs that know their data ----------------
+def test_predict_threshold_overrides_for_one_run_only(trained, tmp_path):
+    folder = trained["data"] / CATEGORY / "test" / "good"
+    out = tmp_path / "out"
+    before = (trained["run_dir"] / "models" / "0" / "params.json").read_bytes()
+    assert run_cli(["predict", folder, "--model-path", trained["run_dir"], "--output", out, "--threshold", "-1",
+                    "--no-images", *FAST]) == 0
+    rows = read_csv(out / "predictions.csv")
+    assert rows and all(r["is_defect"] == "True" and float(r["threshold"]) == -1.0 for r in rows)
+    assert (trained["run_dir"] / "models" / "0" / "params.json").read_bytes() == before
+
+
+def test_multi_category_run_needs_a_category_and_test_uses_the_run_data(data_root, tmp_path, capsys):
+    make_synthetic_mvtec(data_root, category="wood", image_size=64, n_train=8, n_test_good=4, n_test_defect=4, seed=3)
+    assert run_cli(["train", "--data", "mvtec", "--data-path", data_root, "--category", CATEGORY, "wood",
+                    "--epochs", 1, "--image-size", 64, "--results-path", tmp_path, "--run-name", "two", "--no-images",
+                    *FAST]) == 0
+    run_dir = tmp_path / "defectscope" / "mvtec" / "two"
+    assert json.loads((run_dir / "run.json").read_text())["models"] == {"0": CATEGORY, "1": "wood"}
+    capsys.readouterr()
+    image = list_images(data_root / "wood" / "test" / "good")[0]
+    assert run_cli(["predict", image, "--model-path", run_dir, "--output", tmp_path / "p", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 models: models/0 (fabric), models/1 (wood)" in err and "--category" in err
+    assert run_cli(["predict", image, "--model-path", run_dir, "--category", "wood", "--output", tmp_path / "p",
+                    "--no-images", *FAST]) == 0
+    # test with no data options: the run's own data, each category with its own model.
+    (run_dir / "results.csv").unlink()
+    assert run_cli(["test", "--model-path", run_dir, "--no-images", *FAST]) == 0
+    assert "Testing on the run's own data" in capsys.readouterr().out
+    rows = read_csv(run_dir / "results.csv")
+    assert [(r["data"], r["category"]) for r in rows] == [("mvtec", CATEGORY), ("mvtec", "wood"), ("mvtec", "mean")]
+    # A models/<n> folder tests its own category only.
+    (run_dir / "results.csv").unlink()
+    assert run_cli(["test", "--model-path", run_dir / "models" / "1", "--no-images", *FAST]) == 0
+    assert [r["category"] for r in read_csv(run_dir / "results.csv")] == ["wood"]
+
+
+def test_test_without_run_record_or_data_says_what_to_pass(trained, tmp_path, capsys):
+    run_dir = tmp_path / "old"
+    shutil.copytree(trained["run_dir"], run_dir)
+    (run_dir / "run.json").unlink()
+    assert run_cli(["test", "--model-path", run_dir, *FAST]) == 2
+    assert "does not record which data it was trained on" in capsys.readouterr().err
+
+
+def test_update_threshold_is_the_only_way_test_changes_the_model(trained, tmp_path):
+    run_dir = tmp_path / "results" / "defectscope" / "synthetic" / "upd"
+    shutil.copytree(trained["run_dir"], run_dir)
+    path = run_dir / "models" / "0" / "params.json"
+    before = json.loads(path.read_text())
+    assert run_cli(["test", "--model-path", run_dir, "--no-images", "--update-threshold", "--max-false-reject", "0.2",
+                    *FAST]) == 0
+    after = json.loads(path.read_text())
+    assert after["threshold"] != before["threshold"]
+    assert after["threshold_info"]["max_false_reject"] == 0.2 and "update-threshold" in after["threshold_info"]["source"]
+
+
+def test_a_bad_test_image_is_found_before_training(tmp_path, capsys):
+    root = tmp_path / "data"
+    make_synthetic_mvtec(root, category=CATEGORY, image_size=64, n_train=6, n_test_good=2, n_test_defect=2)
+    broken = list_images(root / CATEGORY / "test" / "good")[0]
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated PNG
+    code = run_cli(["train", "--data", "mvtec", "--data-path", root, "--category", CATEGORY, "--epochs", 1,
+                    "--image-size", 64, "--results-path", tmp_path / "results", "--run-name", "bad", *FAST])
+    captured = capsys.readouterr()
+    assert code == 2 and "checked before training" in captured.err and broken.name in captured.err
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "results" / "defectscope" / "mvtec" / "bad" / "models" / "0" / "ckpt.pth").exists()
+    assert "Training regime" not in captured.out

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .images import DataError, load_image, load_mask
+from .images import DataError, _check_file, _limit, _wide_range, load_image, load_mask
 from .samples import Sample
 
 __all__ = ["AnomalyDataset"]
@@ -58,7 +59,11 @@ class AnomalyDataset(Dataset):
       label alone, so pixel losses and metrics can skip exactly those.
     - ``path``: the image file as a str; ``index``: the item's position in ``samples``.
 
-    ``image_size`` is an int or ``(height, width)``.
+    ``image_size`` is an int or ``(height, width)``. ``wide_range`` (``"fixed"`` or
+    ``"stretch"``; default :data:`defectscope.data.images.WIDE_RANGE`, ``"fixed"``) says how 16-bit
+    and wider grey images become 0..255, and ``max_pixels`` (default
+    :data:`defectscope.data.images.MAX_PIXELS`, 100 megapixels) is the largest image accepted;
+    both are passed to :func:`~defectscope.data.images.load_image`.
     Call :meth:`validate` before a long run to find every unreadable file at once.
     """
 
@@ -68,6 +73,8 @@ class AnomalyDataset(Dataset):
         image_size: int | tuple[int, int] = 256,
         mean: Sequence[float] | None = IMAGENET_MEAN,
         std: Sequence[float] | None = IMAGENET_STD,
+        wide_range: str | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.samples = list(samples)
         if not self.samples:
@@ -84,6 +91,10 @@ class AnomalyDataset(Dataset):
             raise DataError("Pass both mean and std, or neither (None, None) to skip normalisation.")
         if self.std is not None and bool((self.std <= 0).any()):
             raise DataError(f"std must be positive per channel, got {std!r}.")
+        # Checked now (a bad value fails here, not in a data-loader worker); None keeps following
+        # the module settings.
+        self.wide_range = None if wide_range is None else _wide_range(wide_range)
+        self.max_pixels = None if max_pixels is None else _limit(max_pixels)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -111,9 +122,9 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         index = range(len(self.samples))[index]  # negative indices -> their position; IndexError past the end
         sample = self.samples[index]
-        image = load_image(sample.path)
+        image = load_image(sample.path, wide_range=self.wide_range, max_pixels=self.max_pixels)
         if sample.label == 1 and sample.mask_path is not None:
-            mask = self._mask_tensor(load_mask(sample.mask_path, image.size))
+            mask = self._mask_tensor(load_mask(sample.mask_path, image.size, max_pixels=self.max_pixels))
         else:
             mask = torch.zeros((1, *self.image_size), dtype=torch.float32)
         return {
@@ -125,26 +136,45 @@ class AnomalyDataset(Dataset):
             "index": index,
         }
 
+    def _sample_problems(self, sample: Sample) -> list[str]:
+        """Every problem with one sample's image and mask files (empty when it can be used)."""
+        has_mask = sample.label == 1 and sample.mask_path is not None
+        try:
+            image = load_image(sample.path, wide_range=self.wide_range, max_pixels=self.max_pixels)
+        except DataError as err:
+            problems = [str(err)]
+            if has_mask:
+                try:  # the mask cannot be size-checked without its image, but it must be a file
+                    _check_file(Path(sample.mask_path), "Mask")
+                except DataError as mask_err:
+                    problems.append(str(mask_err))
+            return problems
+        if has_mask:
+            try:
+                load_mask(sample.mask_path, image.size, max_pixels=self.max_pixels)
+            except DataError as err:
+                return [str(err)]
+        return []
+
     def validate(self) -> None:
         """Decode every image and mask (checking mask sizes) and raise one :class:`DataError`
-        listing every bad file, so a run cannot crash half-way through an epoch."""
+        listing every bad file, so a run cannot crash half-way through an epoch.
+
+        Every path is first checked to be an existing regular file (folders, named pipes,
+        devices, broken links and link loops are reported without being opened), then decoded
+        with the data set's ``wide_range`` and ``max_pixels``; conversions are said as
+        :class:`~defectscope.data.images.DataNotice` s once per file."""
         problems: list[str] = []
+        bad_samples = 0
         for sample in self.samples:
-            try:
-                image = load_image(sample.path)
-            except DataError as err:
-                problems.append(str(err))
-                continue
-            if sample.label == 1 and sample.mask_path is not None:
-                try:
-                    load_mask(sample.mask_path, image.size)
-                except DataError as err:
-                    problems.append(str(err))
+            found = self._sample_problems(sample)
+            problems.extend(found)
+            bad_samples += bool(found)
         if problems:
             listed = "\n".join(f"  - {p}" for p in problems[:_MAX_LISTED])
             more = len(problems) - _MAX_LISTED
             tail = f"\n  ... and {more} more." if more > 0 else ""
             raise DataError(
-                f"{len(problems)} of {len(self.samples)} samples cannot be used:\n{listed}{tail}\n"
+                f"{bad_samples} of {len(self.samples)} samples cannot be used:\n{listed}{tail}\n"
                 "Fix: repair or remove these files before training."
             )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import IMAGE_EXTENSIONS, DataError, _is_image_file, _show, list_images
+from .images import IMAGE_EXTENSIONS, DataError, _image_files, _is_image_file, _show, list_images
 from .samples import DataSplit, Sample, check_test_classes
 
 __all__ = ["mvtec_split", "folder_split", "move_defects_to_train"]
@@ -30,7 +30,7 @@ def _index_masks(folder: Path) -> dict[str, Path]:
     An exact stem wins over a stripped one, so ``a.png`` and ``a_mask.png`` can never be confused
     when both exist for different images.
     """
-    files = sorted(p for p in folder.iterdir() if p.is_file() and _is_image_file(p))
+    files = _image_files(folder)  # a broken link or pipe with a mask name gets a notice
     index: dict[str, Path] = {}
     exact: dict[str, Path] = {}
     for path in files:
@@ -149,7 +149,7 @@ def mvtec_split(
     ground_truth = base / "ground_truth"
     for folder in test_dirs:
         kind = folder.name
-        images = sorted(p for p in folder.iterdir() if p.is_file() and _is_image_file(p))
+        images = _image_files(folder)  # broken links / pipes with image names: a notice
         if not images:
             notes.append(f"Skipped {folder}: no images (accepted: {' '.join(IMAGE_EXTENSIONS)}).")
             continue
@@ -339,12 +339,12 @@ def _order(sample: Sample) -> tuple[int, str, str]:
 def _abnormal_groups(abnormal_dir: Path) -> list[tuple[str, list[Path]]]:
     """``[(defect_type, images)]``: the folder's own images, else one group per sub-folder."""
     if abnormal_dir.is_dir():
-        direct = sorted(p for p in abnormal_dir.iterdir() if p.is_file() and _is_image_file(p))
+        direct = _image_files(abnormal_dir)
         if direct:
             return [("defect", direct)]
         subdirs = sorted(p for p in abnormal_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         groups = [
-            (sub.name, sorted(p for p in sub.iterdir() if p.is_file() and _is_image_file(p)))
+            (sub.name, _image_files(sub))
             for sub in subdirs
         ]
         groups = [(kind, images) for kind, images in groups if images]

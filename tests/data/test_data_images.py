@@ -17,6 +17,7 @@ from defectscope.data import (
     load_image,
     load_mask,
 )
+from defectscope.data.images import DataNotice
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
@@ -122,34 +123,45 @@ def test_palette_image(tmp_path):
     palette_image.save(tmp_path / "p.png", transparency=0)
     with Image.open(tmp_path / "p.png") as check:
         assert check.mode == "P"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = _check_rgb8(load_image(tmp_path / "p.png"), (30, 20))
+    # No Pillow warning about palette transparency: only our own notices (palette, tiny image).
+    assert caught and all(issubclass(w.category, DataNotice) for w in caught), [str(w.message) for w in caught]
     assert np.array_equal(out, np.asarray(palette_image.convert("RGB")))
     assert np.abs(out.astype(int) - RGB).mean() < 40  # 16 colours still resemble the original
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
-def test_16_bit_grey_rescaled_by_its_range(tmp_path, suffix):
+def test_16_bit_grey_fixed_range_by_default_stretch_on_request(tmp_path, suffix):
     values = np.linspace(1000, 3000, 20 * 30).reshape(20, 30).astype(np.uint16)
     path = tmp_path / f"deep{suffix}"
     Image.fromarray(values).save(path)
     with Image.open(path) as check:
         assert check.mode.startswith("I")
-    out = _check_rgb8(load_image(path), (30, 20))
-    assert out.min() == 0 and out.max() == 255  # a fixed /257 would give 4..12: nearly black
+    with pytest.warns(DataNotice, match="fixed range 0..65535"):
+        out = _check_rgb8(load_image(path), (30, 20))
+    # Fixed: 0..65535 -> 0..255 for every image, so a dark image stays dark (here 4..12).
+    assert np.array_equal(out[..., 0], np.rint(values / 257.0).astype(np.uint8))
+    with pytest.warns(DataNotice, match="stretched from their own range 1000..3000"):
+        out = _check_rgb8(load_image(path, wide_range="stretch"), (30, 20))
+    assert out.min() == 0 and out.max() == 255
     assert np.all(np.diff(out[..., 0].ravel().astype(int)) >= 0)  # order of grey levels kept
     expected = np.rint((values.astype(float) - 1000) / 2000 * 255)
     assert np.abs(out[..., 0] - expected).max() <= 1
 
 
-def test_32_bit_and_float_grey(tmp_path):
+def test_32_bit_and_float_grey_stretched(tmp_path):
     values = np.arange(600, dtype=np.int32).reshape(20, 30) * 1000
     Image.fromarray(values, "I").save(tmp_path / "i.tif")
-    out = _check_rgb8(load_image(tmp_path / "i.tif"), (30, 20))
+    out = _check_rgb8(load_image(tmp_path / "i.tif", wide_range="stretch"), (30, 20))
     assert out.min() == 0 and out.max() == 255
     Image.fromarray(values.astype(np.float32) / 7.0, "F").save(tmp_path / "f.tif")
-    assert np.array_equal(_check_rgb8(load_image(tmp_path / "f.tif"), (30, 20)), out)
+    assert np.array_equal(_check_rgb8(load_image(tmp_path / "f.tif", wide_range="stretch"), (30, 20)), out)
+    with pytest.raises(DataError, match="outside the 16-bit range"):  # fixed: refused, not guessed
+        load_image(tmp_path / "i.tif")
+    with pytest.raises(DataError, match="ambiguous"):
+        load_image(tmp_path / "f.tif")
 
 
 def test_cmyk_jpeg_and_bmp(tmp_path):
