@@ -1,5 +1,6 @@
 # Two commands on a fresh machine (Python 3.11, package registries only):
 #   make demo   train SuperSimpleNet on the packaged ELPV solar cells and show the result
+#               (ELPV is CC BY-NC-SA 4.0, non-commercial: the optional extra defectscope[elpv])
 #   make test   run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +12,7 @@ $(BIN)/defectscope: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,elpv]"
 	touch $@
 
 install: $(BIN)/defectscope

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import sys
 from pathlib import Path
 
-from defectscope.cli import UsageError, _merge_notes, _print_metrics
+from defectscope.cli import SEED, UsageError, _merge_notes, _print_metrics, number, report_error
 
 USAGE = ("defectscope simplenet [main options] net [model options] dataset [data options] "
          "mvtec <data_path> <subdataset>...")
@@ -41,9 +40,23 @@ def _add(parser, name, short=None, **kwargs):
     parser.add_argument(*([short] if short else []), *_flag(name), dest=name, **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Parse errors (a bad value, a missing positional) raise :class:`UsageError`: one ``error:`` line."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return _Parser(prog=prog, description=description, allow_abbrev=False,
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+# Value checks (argparse ``type=``): nan / inf and out-of-range numbers are refused as they are parsed.
+_POSITIVE_INT, _COUNT = number(int, 1), number(int, 0)
+_POSITIVE, _NON_NEGATIVE = number(float, 0, low_open=True), number(float, 0)
+_PROBABILITY = number(float, 0, 1)
+_IMAGE_SIDE = number(int, 32, note="the models' smallest size")
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -51,7 +64,7 @@ def main_parser() -> argparse.ArgumentParser:
     _add(p, "results_path", default="results", help="root of run folders")
     _add(p, "gpu", type=int, action="append", default=None,
          help="GPU id (repeatable; the first is used); CPU, with a notice, when there is no GPU. Default: 0")
-    _add(p, "seed", type=int, default=0, help="random seed")
+    _add(p, "seed", type=SEED, default=0, help="random seed")
     _add(p, "log_group", default="group", help="run folder level 2")
     _add(p, "log_project", default="project", help="run folder level 1")
     _add(p, "run_name", default="test", help="run folder level 3")
@@ -62,40 +75,40 @@ def main_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_options(p) -> None:
-    _add(p, "pretrain_embed_dimension", type=int, default=1024, help="values per layer after pooling a patch")
-    _add(p, "target_embed_dimension", type=int, default=1024, help="values per patch after pooling all layers")
-    _add(p, "patchsize", type=int, default=3, help="neighbourhood aggregated around every position")
-    _add(p, "embedding_size", type=int, default=1024, help="projection output width (with --pre_proj > 0)")
-    _add(p, "meta_epochs", type=int, default=1, help="meta-epochs (x gan_epochs passes over the data)")
-    _add(p, "aed_meta_epochs", type=int, default=1, help="meta-epochs left out of the cosine period")
-    _add(p, "gan_epochs", type=int, default=1, help="discriminator epochs per meta-epoch")
-    _add(p, "dsc_layers", type=int, default=2, help="discriminator layers")
-    _add(p, "dsc_hidden", type=int, default=None, help="discriminator width (None: shrinking by 1.5)")
-    _add(p, "noise_std", type=float, default=0.05, help="feature noise std, in units of each channel's std (the reference's 0.05; 1.0 works better "
+    _add(p, "pretrain_embed_dimension", type=_POSITIVE_INT, default=1024, help="values per layer after pooling a patch")
+    _add(p, "target_embed_dimension", type=_POSITIVE_INT, default=1024, help="values per patch after pooling all layers")
+    _add(p, "patchsize", type=_POSITIVE_INT, default=3, help="neighbourhood aggregated around every position")
+    _add(p, "embedding_size", type=_POSITIVE_INT, default=1024, help="projection output width (with --pre_proj > 0)")
+    _add(p, "meta_epochs", type=_POSITIVE_INT, default=1, help="meta-epochs (x gan_epochs passes over the data)")
+    _add(p, "aed_meta_epochs", type=_COUNT, default=1, help="meta-epochs left out of the cosine period")
+    _add(p, "gan_epochs", type=_POSITIVE_INT, default=1, help="discriminator epochs per meta-epoch")
+    _add(p, "dsc_layers", type=_POSITIVE_INT, default=2, help="discriminator layers")
+    _add(p, "dsc_hidden", type=_POSITIVE_INT, default=None, help="discriminator width (None: shrinking by 1.5)")
+    _add(p, "noise_std", type=_POSITIVE, default=0.05, help="feature noise std, in units of each channel's std (the reference's 0.05; 1.0 works better "
          "with the packaged backbones, see benchmarks/results/simplenet.md)")
-    _add(p, "dsc_margin", type=float, default=0.8, help="truncated-L1 margin")
-    _add(p, "dsc_lr", type=float, default=0.0002, help="discriminator learning rate")
-    _add(p, "auto_noise", type=float, default=0, help="> 0: noise std = this x the batch's feature std")
+    _add(p, "dsc_margin", type=_NON_NEGATIVE, default=0.8, help="truncated-L1 margin")
+    _add(p, "dsc_lr", type=_POSITIVE, default=0.0002, help="discriminator learning rate")
+    _add(p, "auto_noise", type=_NON_NEGATIVE, default=0, help="> 0: noise std = this x the batch's feature std")
     _add(p, "train_backbone", action="store_true", help="train the backbone too")
     _add(p, "cos_lr", action="store_true", help="cosine schedule of the discriminator learning rate")
-    _add(p, "pre_proj", type=int, default=0, help="projection layers (0: none)")
-    _add(p, "proj_layer_type", type=int, default=0, help="between projection layers: 0 none, 1 BatchNorm, 2 LeakyReLU")
-    _add(p, "mix_noise", type=int, default=1, help="noise levels noise_std * 1.1**k")
+    _add(p, "pre_proj", type=_COUNT, default=0, help="projection layers (0: none)")
+    _add(p, "proj_layer_type", type=int, choices=[0, 1, 2], default=0, help="between projection layers: 0 none, 1 BatchNorm, 2 LeakyReLU")
+    _add(p, "mix_noise", type=_POSITIVE_INT, default=1, help="noise levels noise_std * 1.1**k")
     _add(p, "weights", default=None, help="backbone weights file, e.g. wide_resnet50_2-95faca4d.pth (defectscope addition)")
     _add(p, "absolute_noise", action="store_true",
          help="noise_std in absolute feature units, as the reference (defectscope addition)")
 
 
 def _add_augment_options(p) -> None:
-    _add(p, "rotate_degrees", type=float, default=0, help="random rotation range (degrees)")
-    _add(p, "translate", type=float, default=0, help="random translation, fraction of the size")
-    _add(p, "scale", type=float, default=0.0, help="random scaling range 1 +- scale")
-    _add(p, "brightness", type=float, default=0.0, help="colour jitter: brightness")
-    _add(p, "contrast", type=float, default=0.0, help="colour jitter: contrast")
-    _add(p, "saturation", type=float, default=0.0, help="colour jitter: saturation")
-    _add(p, "gray", type=float, default=0.0, help="probability of greyscale")
-    _add(p, "hflip", type=float, default=0.0, help="probability of a horizontal flip")
-    _add(p, "vflip", type=float, default=0.0, help="probability of a vertical flip")
+    _add(p, "rotate_degrees", type=number(float, 0, 180), default=0, help="random rotation range (degrees)")
+    _add(p, "translate", type=_PROBABILITY, default=0, help="random translation, fraction of the size")
+    _add(p, "scale", type=number(float, 0, 1, high_open=True), default=0.0, help="random scaling range 1 +- scale")
+    _add(p, "brightness", type=_NON_NEGATIVE, default=0.0, help="colour jitter: brightness")
+    _add(p, "contrast", type=_NON_NEGATIVE, default=0.0, help="colour jitter: contrast")
+    _add(p, "saturation", type=_NON_NEGATIVE, default=0.0, help="colour jitter: saturation")
+    _add(p, "gray", type=_PROBABILITY, default=0.0, help="probability of greyscale")
+    _add(p, "hflip", type=_PROBABILITY, default=0.0, help="probability of a horizontal flip")
+    _add(p, "vflip", type=_PROBABILITY, default=0.0, help="probability of a vertical flip")
     _add(p, "augment", action="store_true", help="augment the training images with the settings above")
 
 
@@ -115,11 +128,11 @@ def dataset_parser() -> argparse.ArgumentParser:
     p.add_argument("data_path", help="MVTec-layout root folder")
     p.add_argument("subdataset", nargs="*", help="categories, one model each")
     _add(p, "subdatasets", "-d", action="append", default=None, help="category (repeatable, as the reference)")
-    _add(p, "train_val_split", type=float, default=1.0, help="share of training images to train on (only 1)")
-    _add(p, "batch_size", type=int, default=2, help="images per step")
-    _add(p, "num_workers", type=int, default=2, help="data-loading processes")
-    _add(p, "resize", type=int, default=256, help="images are resized to this square size")
-    _add(p, "imagesize", type=int, default=224, help="then centre-cropped to this size")
+    _add(p, "train_val_split", type=number(float, 0, 1, low_open=True), default=1.0, help="share of training images to train on (only 1)")
+    _add(p, "batch_size", type=_POSITIVE_INT, default=2, help="images per step")
+    _add(p, "num_workers", type=_COUNT, default=2, help="data-loading processes")
+    _add(p, "resize", type=_IMAGE_SIDE, default=256, help="images are resized to this square size")
+    _add(p, "imagesize", type=_IMAGE_SIDE, default=224, help="then centre-cropped to this size")
     _add_augment_options(p)
     return p
 
@@ -304,11 +317,13 @@ def run(kwargs: dict, splits: list, engine_options: dict, *, seed: int = 0, test
     return rows
 
 
-def main(argv: list[str]) -> int:
-    """``defectscope simplenet ...``; returns the exit status (2: usage error)."""
-    from defectscope.backbones import WeightsNotFoundError
-    from defectscope.data import DataError
-
+def main(argv: list[str], debug: bool = False) -> int:
+    """``defectscope simplenet ...``; returns the exit status (2: usage or data error, 1: unexpected
+    error, 130: interrupted), each error printed as one ``error:`` line (the traceback too with
+    ``debug`` or ``--debug`` anywhere in ``argv``)."""
+    argv = [str(a) for a in argv]
+    debug = debug or "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
         parsed = parse(argv)
         m, net, data = parsed["main"], parsed["net"], parsed["dataset"]
@@ -319,9 +334,8 @@ def main(argv: list[str]) -> int:
                               progress=not m.no_progress, resume=False, **device_options(m.gpu))
         run(kwargs, splits, engine_options, seed=m.seed, test_only=m.test,
             save_images=m.save_segmentation_images)
-    except (UsageError, DataError, WeightsNotFoundError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        return report_error(err, debug)
     return 0
 
 
@@ -338,8 +352,8 @@ def train_from_args(args) -> int:
     extra_parser = _parser("defectscope train --model simplenet", "SimpleNet options for `train`.")
     _add_model_options(extra_parser)
     _add_augment_options(extra_parser)
-    _add(extra_parser, "resize", type=int, default=None, help="resize (default: --image-size)")
-    _add(extra_parser, "imagesize", type=int, default=None, help="centre crop (default: --image-size)")
+    _add(extra_parser, "resize", type=_IMAGE_SIDE, default=None, help="resize (default: --image-size)")
+    _add(extra_parser, "imagesize", type=_IMAGE_SIDE, default=None, help="centre crop (default: --image-size)")
     extras, unknown = extra_parser.parse_known_args(getattr(args, "extra", []))
     if unknown:
         bad = next((t for t in unknown if t.startswith("-")), unknown[0])

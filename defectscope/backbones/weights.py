@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,8 +37,100 @@ class WeightsNotFoundError(FileNotFoundError):
     """No weights file for a backbone exists where defectscope looks, and downloads are off."""
 
 
+class WeightsFileError(ValueError):
+    """A weights file exists but cannot be read: empty, truncated, corrupted or not a weights file.
+
+    The message names the file, says what is wrong with it and how to fix it; the reader's own
+    error (safetensors, pickle, zip) is chained as ``__cause__`` for ``--debug``.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading and checking state dicts
+
+_FILE_FIX = (
+    "Fix: copy or download the file again (it may be incomplete; compare its size with the "
+    "original's), delete it if it sits in a cache, or pass another file. A state dict is saved with "
+    "torch.save(model.state_dict(), path) or safetensors.torch.save_file(state_dict, path)."
+)
+
+
+def _file_error(path: Path, problem: str) -> WeightsFileError:
+    return WeightsFileError(f"Weights file {str(path)!r} {problem}. {_FILE_FIX}")
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (torch's and safetensors' messages run over many lines)."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    if len(text) > limit and ". " in text[:limit]:
+        text = text[: text.index(". ") + 1]  # the first sentence
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _check_safetensors_layout(path: Path, size: int) -> None:
+    """Check a ``.safetensors`` file's framing before the reader sees it, so a bad file gets a
+    sentence rather than the reader's error: an 8-byte little-endian header length, a JSON header
+    of that length, then the tensor bytes the header's ``data_offsets`` describe."""
+    import json
+    import struct
+
+    if size < 8:
+        raise _file_error(path, f"is too short to be a safetensors file ({size} bytes; the format "
+                                "starts with an 8-byte header length)")
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > size - 8:
+            raise _file_error(path, f"is truncated or not a safetensors file: its header length "
+                                    f"{header_len} is larger than the file ({size} bytes)")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise _file_error(path, f"is corrupted or not a safetensors file: its {header_len}-byte header "
+                                f"is not valid JSON ({_first_line(err, 120)})") from err
+    if not isinstance(header, dict):
+        raise _file_error(path, f"is not a safetensors file: its header is a JSON {type(header).__name__}, "
+                                "not an object")
+    ends = [entry.get("data_offsets", [0, 0])[-1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and entry.get("data_offsets")]
+    needed = 8 + header_len + max((e for e in ends if isinstance(e, int)), default=0)
+    if needed > size:
+        raise _file_error(path, f"is truncated: its header describes {needed} bytes, the file holds {size}")
+
+
+def _read_safetensors(path: Path, size: int):
+    _check_safetensors_layout(path, size)
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors' own errors: the layout check above catches most
+        raise _file_error(path, f"is not a readable safetensors file ({_first_line(err)})") from err
+
+
+def _read_torch(path: Path, size: int):
+    if size == 0:
+        raise _file_error(path, "is empty (0 bytes)")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    is_zip, is_pickle = head.startswith(b"PK"), head[:1] == b"\x80"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickles with arbitrary objects are refused on purpose
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower() \
+                and (is_zip or is_pickle) and "truncated" not in str(err).lower():
+            raise _file_error(
+                path, "holds Python objects other than tensors (e.g. a whole pickled model), which "
+                      "defectscope does not unpickle (torch.load(weights_only=True)); re-save only "
+                      "the weights with torch.save(model.state_dict(), path)") from err
+        if not (is_zip or is_pickle):
+            problem = (f"is not a torch weights file: it is neither a zip archive (torch.save) nor a "
+                       f"pickle ({size} bytes starting {head!r})")
+        else:
+            problem = (f"is truncated or corrupted ({size} bytes; torch.load: {_first_line(err)})")
+        raise _file_error(path, problem) from err
+
 
 
 def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -55,19 +148,12 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
             f"Weights file {str(path)!r} has suffix {path.suffix!r}; expected one of "
             f"{', '.join(WEIGHT_SUFFIXES)}."
         )
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj = load_file(str(path), device="cpu")
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickles with arbitrary objects are refused on purpose
-            raise ValueError(
-                f"Could not read {str(path)!r} as a torch state dict "
-                f"({type(err).__name__}: {err}). "
-                "Re-save it with torch.save(model.state_dict(), path)."
-            ) from err
+    try:
+        size = path.stat().st_size
+        reader = _read_safetensors if path.suffix.lower() == ".safetensors" else _read_torch
+        obj = reader(path, size)
+    except OSError as err:  # unreadable: permissions, I/O error
+        raise _file_error(path, f"cannot be read ({_first_line(err)})") from err
 
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):

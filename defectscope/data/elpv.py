@@ -29,8 +29,10 @@ def _elpv_data_folder() -> Path:
     spec = importlib.util.find_spec("elpv_dataset")
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
-            "The ELPV data set is not installed (Python package 'elpv_dataset' not found). "
-            "Fix: pip install elpv-dataset"
+            "The ELPV data set is not installed (Python package 'elpv_dataset' not found); it is an "
+            "optional extra (CC BY-NC-SA 4.0, non-commercial). "
+            'Fix: pip install "defectscope[elpv]" (or pip install elpv-dataset), or train on other data '
+            "with --data mvtec / folder / synthetic"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
