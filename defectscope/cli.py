@@ -7,6 +7,7 @@ solar-cell images (one model per cell type) with the packaged EfficientNet-Lite0
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -112,11 +113,21 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                         "(with masks where they exist)")
     g.add_argument("--train-abnormal-dir", default=None,
                    help="folder layout: labelled defective training images (masks from --mask-dir where they match)")
+    _add_image_options(g)
+
+
+def _add_image_options(g, wide_range_default: str | None = "fixed") -> None:
+    g.add_argument("--wide-range", choices=["fixed", "stretch"], default=wide_range_default,
+                   help="16-bit / 32-bit / float grey images to 8 bits: fixed (0..65535 or 0..1, so brightness "
+                        "defects stay visible) or stretch (each image by its own min..max, for cameras that use "
+                        "few levels); recorded with the model")
+    g.add_argument("--max-pixels", type=number(int, 1), default=None,
+                   help="largest image accepted, in pixels (checked before decoding; None: 100 megapixels)")
 
 
 # Data options, as recorded in a run's run.json so that `test` can rebuild the same split.
 DATA_OPTIONS = ("data", "data_path", "category", "normal_dir", "abnormal_dir", "mask_dir", "test_split_ratio",
-                "split_seed", "train_defects", "train_defect_fraction", "train_abnormal_dir")
+                "split_seed", "train_defects", "train_defect_fraction", "train_abnormal_dir", "wide_range")
 PATH_OPTIONS = ("data_path", "normal_dir", "abnormal_dir", "mask_dir", "train_abnormal_dir")
 RUN_FILE = "run.json"
 
@@ -225,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     predict.add_argument("--no-progress", action="store_true", help="no progress bars")
     predict.add_argument("--no-images", action="store_true", help="do not write heat-map overlays")
+    _add_image_options(predict.add_argument_group("images"), wide_range_default=None)
     return parser
 
 
@@ -323,7 +335,8 @@ def _print_metrics(rows: list[dict], run_dir: Path) -> None:
                       f(r["image_f1_max"]), f"{r['threshold']:.4g}",
                       f"{pct(r['false_reject_rate'])} of {r['n_good']}", f"{pct(r['escape_rate'])} of {r['n_defect']}",
                       str(r["n_test"]))
-    console = Console()
+    # Piped to a file or CI log, rich assumes 80 columns and squeezes the headers; 120 fits them.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     console.print(table)
     for r in rows:
         for note in r["notes"]:
@@ -458,6 +471,10 @@ def cmd_test(args) -> int:
     run = read_run_file(run_dir)
     own_data = args.data is None
     _test_data_args(args, run)
+    if args.wide_range:
+        from defectscope.data import images
+
+        images.WIDE_RANGE = args.wide_range  # as the run read its images (run.json), unless given
     if own_data and run is not None:
         print(f"Testing on the run's own data ({RUN_FILE}): --data {args.data}"
               + (f" --category {' '.join(args.category)}" if args.category else ""))
@@ -486,6 +503,10 @@ def cmd_predict(args) -> int:
     for item in args.inputs:
         paths.extend(list_images(item) if Path(item).is_dir() else [Path(item)])
     model = load_model(args.model_path, category=args.category)
+    if args.wide_range is None and model.data_info.get("wide_range"):
+        from defectscope.data import images
+
+        images.WIDE_RANGE = model.data_info["wide_range"]  # read new images as the training images were
     engine = Engine(results_path=args.output, batch_size=args.batch_size, accelerator=args.accelerator,
                     progress=not args.no_progress, max_epochs=1)
     results = engine.predict(model, paths, output_dir=args.output, save_images=not args.no_images,
@@ -603,6 +624,44 @@ def check_args(args: argparse.Namespace) -> None:
                              "(predictions.csv and images/): pass a folder path, e.g. --output predictions")
 
 
+@contextlib.contextmanager
+def image_settings(wide_range: str | None, max_pixels: int | None):
+    """Apply ``--wide-range`` / ``--max-pixels`` to every image this command reads, and put the
+    defaults back afterwards (main() may run several commands in one process)."""
+    from defectscope.data import images
+
+    before = images.WIDE_RANGE, images.MAX_PIXELS
+    try:
+        images.WIDE_RANGE = wide_range or before[0]
+        images.MAX_PIXELS = max_pixels or before[1]
+        yield
+    finally:
+        images.WIDE_RANGE, images.MAX_PIXELS = before
+
+
+@contextlib.contextmanager
+def notices_printed():
+    """Print each :class:`~defectscope.data.images.DataNotice` (a conversion the data needed: a
+    16-bit image read on its fixed range, an alpha channel dropped, ...) as one ``notice: ...``
+    line on stderr instead of Python's warning format; other warnings pass through."""
+    import warnings
+
+    from defectscope.data.images import DataNotice
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataNotice)  # defectscope says each notice once itself
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DataNotice):
+                print(f"notice: {message}", file=sys.stderr, flush=True)
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """``defectscope ...``; returns the exit status: 0, 2 (usage or data error), 1 (unexpected
     error), 130 (interrupted). Errors print one ``error: ...`` statement, with the traceback only
@@ -644,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         check_args(args)
         handlers = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict}
-        return handlers[args.command](args)
+        with notices_printed(), image_settings(getattr(args, "wide_range", None), getattr(args, "max_pixels", None)):
+            return handlers[args.command](args)
     except (Exception, KeyboardInterrupt) as err:
         return report_error(err, debug)
     finally:

@@ -20,7 +20,7 @@ import argparse
 import difflib
 from pathlib import Path
 
-from defectscope.cli import SEED, UsageError, _merge_notes, _print_metrics, number, report_error
+from defectscope.cli import SEED, UsageError, _merge_notes, _print_metrics, notices_printed, number, report_error
 
 USAGE = ("defectscope simplenet [main options] net [model options] dataset [data options] "
          "mvtec <data_path> <subdataset>...")
@@ -283,19 +283,28 @@ def mvtec_splits(data: argparse.Namespace) -> list[tuple[str, object]]:
 
 
 def run(kwargs: dict, splits: list, engine_options: dict, *, seed: int = 0, test_only: bool = False,
-        evaluate: bool = True, save_images: bool = False, max_images: int | None = None) -> list[dict]:
-    """Train (or with ``test_only`` load) one SimpleNet per split, test it, print the results."""
+        evaluate: bool = True, save_images: bool = False, max_images: int | None = None,
+        data: dict | None = None) -> list[dict]:
+    """Train (or with ``test_only`` load) one SimpleNet per split, test it, print the results.
+    ``data``: the data settings recorded in run.json and with each model (see cli.data_settings)."""
     import torch
 
+    from defectscope.cli import _check_test_images, write_run_file
     from defectscope.data import summarise
     from defectscope.engine import Engine
     from defectscope.models import SimpleNet, find_model_dir
 
-    rows, run_dir = [], None
+    data = dict(data or {})
+    rows, run_dir, models = [], None, {}
+    if evaluate and not test_only:
+        probe = SimpleNet(**kwargs)
+        for _, split in splits:  # a bad test file is found before any training time is spent
+            _check_test_images(probe, split)
     for index, (category, split) in enumerate(splits):
         torch.manual_seed(seed)  # initial weights, so --seed fixes the whole model
         model = SimpleNet(**kwargs)
-        engine = Engine(max_epochs=model.epochs, seed=seed, **engine_options)
+        engine = Engine(max_epochs=model.epochs, seed=seed, data_info={**data, "category": category},
+                        **engine_options)
         engine.model_index = index
         run_dir = engine.run_dir
         print(f"[{category}] {summarise(split)}")
@@ -306,9 +315,12 @@ def run(kwargs: dict, splits: list, engine_options: dict, *, seed: int = 0, test
                 raise UsageError(f"--test: {err}") from None
         else:
             engine.fit(model, split.train)
+            models[str(index)] = category
+            if engine.fabric.is_global_zero:
+                write_run_file(run_dir, data, models, model.name)
         if evaluate:
             metrics = engine.test(model, split.test, category=category, save_images=save_images,
-                                  max_images=max_images)
+                                  max_images=max_images, data_name=data.get("data"))
             metrics["notes"] = _merge_notes(split.notes, metrics["notes"])
             rows.append(metrics)
     if rows:
@@ -332,8 +344,12 @@ def main(argv: list[str], debug: bool = False) -> int:
         engine_options = dict(results_path=m.results_path, project=m.log_project, group=m.log_group,
                               run_name=m.run_name, batch_size=data.batch_size, num_workers=data.num_workers,
                               progress=not m.no_progress, resume=False, **device_options(m.gpu))
-        run(kwargs, splits, engine_options, seed=m.seed, test_only=m.test,
-            save_images=m.save_segmentation_images)
+        subdatasets = [name for name, _ in splits]
+        data_record = {"data": "mvtec", "data_path": str(Path(data.data_path).resolve()), "category": subdatasets,
+                       "split_seed": 0, "train_defect_fraction": 0.0}
+        with notices_printed():
+            run(kwargs, splits, engine_options, seed=m.seed, test_only=m.test,
+                save_images=m.save_segmentation_images, data=data_record)
     except (Exception, KeyboardInterrupt) as err:
         return report_error(err, debug)
     return 0
@@ -384,6 +400,10 @@ def train_from_args(args) -> int:
                           num_workers=args.num_workers, progress=not args.no_progress,
                           resume=not args.no_resume, accelerator=args.accelerator, devices=devices,
                           strategy=args.strategy, precision=args.precision)
+    engine_options.update(val_fraction=args.val_fraction, threshold_rule=args.threshold_rule,
+                          max_false_reject=args.max_false_reject)
+    from defectscope.cli import data_settings
+
     run(kwargs, _splits(args), engine_options, seed=args.seed, evaluate=not args.no_test,
-        save_images=not args.no_images, max_images=args.max_images or None)
+        save_images=not args.no_images, max_images=args.max_images or None, data=data_settings(args))
     return 0

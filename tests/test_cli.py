@@ -355,3 +355,54 @@ def test_a_bad_test_image_is_found_before_training(tmp_path, capsys):
     assert "Traceback" not in captured.err
     assert not (tmp_path / "results" / "defectscope" / "mvtec" / "bad" / "models" / "0" / "ckpt.pth").exists()
     assert "Training regime" not in captured.out
+
+
+def _sixteen_bit(path, level: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    values = np.full((64, 64), level, dtype=np.uint16)
+    values[20:40, 20:40] = level + 2000
+    Image.fromarray(values).save(path)
+
+
+def test_conversions_are_printed_as_notices_and_the_pixel_limit_is_an_option(trained, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _sixteen_bit(folder / "deep.png", 30000)
+    out = tmp_path / "out"
+    assert run_cli(["predict", folder, "--model-path", trained["run_dir"], "--output", out, "--no-images", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "notice: Image" in err and "deep.png" in err and "16-bit" in err
+    assert "DataNotice" not in err and "warnings.warn" not in err
+    assert run_cli(["predict", folder, "--model-path", trained["run_dir"], "--output", out, "--max-pixels", "1000",
+                    *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "deep.png" in err and "--max-pixels N" in err and "Traceback" not in err
+    # The limit was for that command only.
+    assert run_cli(["predict", folder, "--model-path", trained["run_dir"], "--output", out, "--no-images", *FAST]) == 0
+
+
+def test_wide_range_is_recorded_with_the_model_and_used_by_predict(tmp_path):
+    from defectscope.data import images
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(8):
+        _sixteen_bit(good / f"g{i}.png", 1000 + 50 * i)
+    assert run_cli(["train", "--data", "folder", "--normal-dir", good, "--epochs", 1, "--image-size", 64,
+                    "--results-path", tmp_path / "r", "--run-name", "w", "--wide-range", "stretch", "--no-test",
+                    *FAST]) == 0
+    assert images.WIDE_RANGE == "fixed"  # restored after the command
+    run_dir = tmp_path / "r" / "defectscope" / "folder" / "w"
+    assert json.loads((run_dir / "run.json").read_text())["data"]["wide_range"] == "stretch"
+    params = json.loads((run_dir / "models" / "0" / "params.json").read_text())
+    assert params["data"]["wide_range"] == "stretch"
+    scores = {}
+    for option in ([], ["--wide-range", "fixed"]):
+        out = tmp_path / ("p" + "".join(option))
+        assert run_cli(["predict", good / "g0.png", "--model-path", run_dir, "--output", out, "--no-images",
+                        *option, *FAST]) == 0
+        scores[tuple(option)] = float(read_csv(out / "predictions.csv")[0]["score"])
+    # Stretched (as in training) vs fixed: the same file reads differently, so scores differ.
+    assert scores[()] != scores[("--wide-range", "fixed")]

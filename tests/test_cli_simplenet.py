@@ -215,4 +215,8 @@ def test_main_and_data_options_reach_the_run(monkeypatch, data_root):
     assert {k: engine[k] for k in ("results_path", "project", "group", "run_name", "batch_size", "num_workers",
                                    "accelerator")} == dict(results_path="out", project="P", group="G", run_name="R",
                                                            batch_size=5, num_workers=1, accelerator="cpu")
+    data = kw.pop("data")
     assert kw == dict(seed=7, test_only=True, save_images=True)
+    # What run.json records, so that `defectscope test` can rebuild the split.
+    assert data == dict(data="mvtec", data_path=str(data_root.resolve()), category=["fabric"], split_seed=0,
+                        train_defect_fraction=0.0)

@@ -11,7 +11,7 @@ Every problem with a file raises :class:`DataError` naming the file, the problem
 
 from .dataset import AnomalyDataset
 from .elpv import elpv_split
-from .images import IMAGE_EXTENSIONS, DataError, list_images, load_image, load_mask
+from .images import IMAGE_EXTENSIONS, DataError, DataNotice, list_images, load_image, load_mask
 from .layouts import folder_split, mvtec_split
 from .samples import (
     REGIME_CHOICES,
@@ -29,6 +29,7 @@ from .synthetic import make_synthetic_mvtec
 
 __all__ = [
     "DataError",
+    "DataNotice",
     "Sample",
     "DataSplit",
     "IMAGE_EXTENSIONS",

@@ -414,8 +414,9 @@ def _open_decoded(path: Path, what: str, max_pixels: int | None = None) -> tuple
             f"{what} {_show(path)} claims {width}x{height} pixels ({width * height / 1e6:.1f} "
             f"megapixels), over the limit of {limit / 1e6:g} megapixels (max_pixels={limit}); it was "
             "refused before decoding, as a possible decompression bomb. Fix: if the image is genuine, "
-            "raise the limit (load_image(..., max_pixels=N), AnomalyDataset(..., max_pixels=N) or "
-            "defectscope.data.images.MAX_PIXELS = N) or downscale it first; otherwise delete it."
+            "raise the limit (command line: --max-pixels N; Python: load_image(..., max_pixels=N), "
+            "AnomalyDataset(..., max_pixels=N) or defectscope.data.images.MAX_PIXELS = N) or downscale it "
+            "first; otherwise delete it."
         )
     frames = _frame_count(image)
     try:

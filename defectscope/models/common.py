@@ -232,3 +232,26 @@ def upscale_and_concat(features: list[torch.Tensor], size: tuple[int, int], patc
     if patch_size > 1:
         x = F.avg_pool2d(x, kernel_size=patch_size, stride=1, padding=patch_size // 2, count_include_pad=True)
     return x
+
+
+def check_setting(name: str, value, low: float | None = None, high: float | None = None, *,
+                  low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """Refuse a model setting that is not a finite number in range (NaN passes ``value <= 0``
+    checks silently and trains a NaN model), with one ``ValueError`` naming the setting."""
+    import numbers
+
+    kind = "an integer" if integer else "a finite number"
+    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(float(value))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        raise ValueError(f"{name} must be {kind}{' ' + ' and '.join(bounds) if bounds else ''}, got {value!r}")
+

@@ -33,7 +33,13 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from defectscope.models.base import AnomalyModel
-from defectscope.models.common import FeatureStandardizer, GaussianBlur2d, perlin_masks, upscale_and_concat
+from defectscope.models.common import (
+    FeatureStandardizer,
+    GaussianBlur2d,
+    check_setting,
+    perlin_masks,
+    upscale_and_concat,
+)
 from defectscope.models.fused_head import bn_mlp_forward, bn_mlp_train_forward_copies, scatter_rows, supports_fused
 
 
@@ -191,6 +197,16 @@ class SuperSimpleNet(AnomalyModel):
         weights: str | None = None,
         pretrained: bool = True,
     ) -> None:
+        # Checked before the backbone is built: a wrong setting fails at once.
+        check_setting("perlin_threshold", perlin_threshold, 0, 1, high_open=True)
+        if noise_std is not None:
+            check_setting("noise_std", noise_std, 0, low_open=True)
+        check_setting("lr_scale", lr_scale, 0, low_open=True)
+        check_setting("sigma", sigma, 0, low_open=True)
+        check_setting("upscale_factor", upscale_factor, 1, integer=True)
+        check_setting("patch_size", patch_size, 1, integer=True)
+        if supervised_grad_clip is not None:
+            check_setting("supervised_grad_clip", supervised_grad_clip, 0, low_open=True)
         super().__init__(
             backbone=backbone,
             layers=layers,
@@ -202,8 +218,6 @@ class SuperSimpleNet(AnomalyModel):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if not 0 <= perlin_threshold < 1:
-            raise ValueError(f"perlin_threshold must be in [0, 1), got {perlin_threshold}")
         if noise_std is None:
             noise_std = DEFAULT_RELATIVE_NOISE_STD if standardize_features else 0.015
         if noise_std <= 0:
