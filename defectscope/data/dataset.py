@@ -176,5 +176,5 @@ class AnomalyDataset(Dataset):
             tail = f"\n  ... and {more} more." if more > 0 else ""
             raise DataError(
                 f"{bad_samples} of {len(self.samples)} samples cannot be used:\n{listed}{tail}\n"
-                "Fix: repair or remove these files before training."
+                "Fix: repair or remove these files, then run again."
             )
