@@ -377,6 +377,8 @@ def cmd_train(args) -> int:
     splits = _splits(args)
     run_name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
     settings = data_settings(args)
+    if settings["data"] != "folder":  # the categories trained (the default ones too), for `test`
+        settings["category"] = [category for category, _ in splits]
     models: dict[str, str] = {}
     rows, run_dir = [], None
     built = []

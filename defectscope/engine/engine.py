@@ -531,6 +531,14 @@ class Engine:
                     mean[key] = float(np.mean(values)) if values else math.nan
                 for key in ("n_good", "n_defect", "n_test"):
                     mean[key] = int(sum(int(float(r[key] or 0)) for r in group))
+                # Each category has its own threshold: no mean threshold; the rates are pooled
+                # over all images (the share of all good parts rejected, of all defects passed).
+                mean["threshold"] = math.nan
+                for key, count in (("false_reject_rate", "n_good"), ("escape_rate", "n_defect")):
+                    pairs = [(float(r[key]), int(float(r[count] or 0))) for r in group
+                             if r[key] not in (None, "", "nan")]
+                    total = sum(n for _, n in pairs)
+                    mean[key] = sum(v * n for v, n in pairs) / total if total else math.nan
                 out.append(mean)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".csv.tmp")

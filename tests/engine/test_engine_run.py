@@ -57,9 +57,15 @@ def test_results_csv_rows_and_values(reference_run):
         for column in METRIC_COLUMNS:
             assert float(row[column]) == pytest.approx(metrics[column], abs=5.1e-5), column
     mean = rows[-1]
-    for column in METRIC_COLUMNS:
+    for column in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
         expected = np.mean([m[column] for m in reference_run["metrics"]])
         assert float(mean[column]) == pytest.approx(expected, abs=1e-4), column
+    # Rates pooled over all images (counted by hand); no mean of per-category thresholds.
+    metrics = reference_run["metrics"]
+    for rate, count in (("false_reject_rate", "n_good"), ("escape_rate", "n_defect")):
+        pooled = sum(m[rate] * m[count] for m in metrics) / sum(m[count] for m in metrics)
+        assert float(mean[rate]) == pytest.approx(pooled, abs=1e-4), rate
+    assert mean["threshold"] == "nan"
 
 
 def test_retesting_a_category_replaces_its_row(reference_run, splits, tmp_path):
