@@ -138,6 +138,15 @@ class PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("it holds persistent references; a model file may hold plain data only")
 
 
+def _corrupt(path: Path, what: str, err: BaseException) -> ModelFileError:
+    """The error for a file that cannot be read at all (cut short, overwritten, random bytes)."""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelFileError(
+        f"{what.capitalize()} file {_show(path)} is truncated or corrupt ({type(err).__name__}: {message}). "
+        "Fix: copy the model folder again from its source, or retrain the model."
+    )
+
+
 def _read_legacy_params(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
@@ -149,10 +158,7 @@ def _read_legacy_params(path: Path) -> dict[str, Any]:
             "the model (current versions write params.json)."
         ) from err
     except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError, OverflowError) as err:
-        raise ModelFileError(
-            f"{_show(path)} is truncated or corrupt ({type(err).__name__}: {err}). Fix: copy the model "
-            "folder again from its source, or retrain the model."
-        ) from err
+        raise _corrupt(path, "Settings", err) from err
     if not isinstance(params, dict):
         raise ModelFileError(f"{_show(path)} holds a {type(params).__name__}, not model settings. Fix: retrain the model.")
     params.setdefault("format_version", 1)
@@ -231,11 +237,7 @@ def load_tensors(path: str | Path, what: str = "model weights") -> dict[str, Any
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError,
             AttributeError, MemoryError, UnicodeDecodeError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFileError(
-            f"{what.capitalize()} file {_show(path)} is truncated or corrupt ({type(err).__name__}: {message}). "
-            "Fix: copy the model folder again from its source, or retrain."
-        ) from err
+        raise _corrupt(path, what, err) from err
     if not isinstance(obj, dict):
         raise ModelFileError(f"{_show(path)} holds a {type(obj).__name__}, not {what}. Fix: retrain the model.")
     return obj
