@@ -406,3 +406,24 @@ def test_wide_range_is_recorded_with_the_model_and_used_by_predict(tmp_path):
         scores[tuple(option)] = float(read_csv(out / "predictions.csv")[0]["score"])
     # Stretched (as in training) vs fixed: the same file reads differently, so scores differ.
     assert scores[()] != scores[("--wide-range", "fixed")]
+
+
+def test_defects_moved_into_training_are_not_tested_again(data_root, tmp_path, capsys):
+    common = ["--results-path", tmp_path, "--run-name", "frac", "--no-images", *FAST]
+    assert run_cli(["train", "--data", "mvtec", "--data-path", data_root, "--category", CATEGORY, "--epochs", 1,
+                    "--image-size", 64, "--train-defect-fraction", 0.5, *common]) == 0
+    run_dir = tmp_path / "defectscope" / "mvtec" / "frac"
+    trained_rows = read_csv(run_dir / "results.csv")
+    params = json.loads((run_dir / "models" / "0" / "params.json").read_text())
+    moved = [p for p in params["data"]["train_images"] if "/test/" in p]
+    assert moved  # defects moved from test/ into training
+    (run_dir / "results.csv").unlink()
+    assert run_cli(["test", "--model-path", run_dir, "--no-images", *FAST]) == 0
+    rows = read_csv(run_dir / "results.csv")
+    n_test_files = len(list((data_root / CATEGORY / "test").rglob("*.png")))
+    assert int(rows[0]["n_test"]) == int(trained_rows[0]["n_test"]) == n_test_files - len(moved)
+    # Given the data explicitly without the fraction, the moved defects are still left out, with a note.
+    assert run_cli(["test", "--model-path", run_dir, "--data", "mvtec", "--data-path", data_root, "--category",
+                    CATEGORY, "--no-images", *FAST]) == 0
+    assert f"{len(moved)} test image(s) were used in training" in capsys.readouterr().out
+    assert int(read_csv(run_dir / "results.csv")[-1]["n_test"]) == n_test_files - len(moved)
