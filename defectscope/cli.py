@@ -151,7 +151,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--project", default="defectscope", help="run folder level 1")
     g.add_argument("--group", default=None, help="run folder level 2; None: the data set name")
     g.add_argument("--run-name", default=None, help="run folder level 3; None: a timestamp")
-    g.add_argument("--batch-size", type=number(int, 1), default=8, help="images per step (the paper: 32; 8 learns more per CPU-minute)")
+    g.add_argument("--batch-size", type=number(int, 1), default=None,
+                   help="images per step; None: 8 (SuperSimpleNet's paper: 32; 8 learns more per CPU-minute), or "
+                        "what the model trains at (efficientad: 1, as its reference)")
     g.add_argument("--seed", type=SEED, default=0, help="random seed (same seed, same model on CPU)")
     g.add_argument("--accelerator", type=accelerator_option, default="auto",
                    help="cpu, gpu (= cuda), mps, auto (Lightning Fabric)")
@@ -170,18 +172,24 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="defectscope", description=__doc__, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{train,test,predict,simplenet}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,test,predict,simplenet,distill-teacher}")
     # Parsed by defectscope.cli_simplenet (main dispatches to it); listed here for --help.
     sub.add_parser("simplenet", add_help=False, help="SimpleNet, reference command form: simplenet [main options] "
                    "net [model options] dataset [data options] mvtec <data_path> <subdataset>...")
+    # Parsed by defectscope.cli_distill.
+    sub.add_parser("distill-teacher", add_help=False, help="distil an EfficientAD PDN teacher (S or M) from a "
+                   "packaged backbone, offline: distill-teacher --model-size s --output teacher_s.pth")
 
     train = sub.add_parser("train", help="train (and test) a model; no arguments: the ELPV demo", formatter_class=fmt)
     _add_data_options(train)
     m = train.add_argument_group("model")
     m.add_argument("--model", default="supersimplenet",
-                   help="supersimplenet or simplenet (which also takes `defectscope simplenet` net/dataset options)")
-    m.add_argument("--backbone", default="efficientnet_lite0",
-                   help="efficientnet_lite0/1/2 (packaged), resnet18, wide_resnet50_2 (need --weights or a local cache)")
+                   help="supersimplenet, simplenet (which also takes `defectscope simplenet` net/dataset options), "
+                        "stfpm or efficientad (their own settings below)")
+    m.add_argument("--backbone", default=None,
+                   help="efficientnet_lite0/1/2 (packaged), resnet18, wide_resnet50_2 (need --weights or a local "
+                        "cache); None: efficientnet_lite0, or the model's own (stfpm: resnet18, with a packaged "
+                        "fallback offline)")
     m.add_argument("--layers", nargs="+", default=None, help="backbone layers; None: the backbone's own")
     m.add_argument("--weights", default=None, help="backbone weights file (.pth/.safetensors)")
     m.add_argument("--image-size", type=number(int, 32, note="the models' smallest image_size"), default=256,
@@ -211,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fused map head is already faster: no gain there (0.99-1.02x per step)")
     _add_engine_options(train)
     _add_threshold_options(train)
+    _add_generic_model_options(train)
 
     test = sub.add_parser("test", help="measure a trained run on its test split (never changes the model, unless "
                           "--update-threshold)", formatter_class=fmt)
@@ -270,14 +279,139 @@ def _splits(args) -> list[tuple[str, object]]:
     return [(Path(args.normal_dir).name, split)]
 
 
-def _engine(args, run_name=None, results_path=None, project=None, group=None, epochs=1, data_info=None):
+# Models whose own settings the train parser builds from their constructor signatures (the
+# SuperSimpleNet and SimpleNet options above are spelt out by hand).
+GENERIC_MODELS = ("stfpm", "efficientad")
+# Constructor arguments every model takes, set by the shared options above.
+SHARED_MODEL_ARGS = {"backbone", "layers", "weights", "image_size", "pretrained", "pre_processor", "post_processor",
+                     "evaluator", "visualizer", "feature_extractor", "self"}
+
+
+def _generic_model_params() -> dict[str, dict]:
+    """``{name: {"default": ..., "models": {model: default}, "help": ...}}`` for the constructor
+    arguments of :data:`GENERIC_MODELS`, from their signatures and ``Args:`` docstrings."""
+    import inspect
+
+    from defectscope.models import MODELS
+
+    params: dict[str, dict] = {}
+    for key in GENERIC_MODELS:
+        cls = MODELS.get(key)
+        if cls is None:
+            continue
+        docs = _args_docs(cls.__doc__ or "") | _args_docs(cls.__init__.__doc__ or "")
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name in SHARED_MODEL_ARGS or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                continue
+            entry = params.setdefault(name, {"models": {}, "help": docs.get(name, ""), "default": param.default})
+            entry["models"][key] = param.default
+    return params
+
+
+def _args_docs(doc: str) -> dict[str, str]:
+    """``name: text`` of a Google-style ``Args:`` section (continuation lines joined)."""
+    import re
+
+    out, current, inside = {}, None, False
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped in ("Args:", "Arguments:", "Parameters:"):
+            inside = True
+            continue
+        if inside:
+            match = re.match(r"^(\w+)(?: \([^)]*\))?:\s*(.*)$", stripped)
+            if match and line.startswith(" " * 8) and not line.startswith(" " * 12):
+                current = match.group(1)
+                out[current] = match.group(2)
+            elif stripped and current and line.startswith(" " * 12):
+                out[current] += " " + stripped
+            elif not stripped:
+                current = None
+            elif not line.startswith(" " * 8):
+                inside = False
+    return out
+
+
+def _option_type(default):
+    if isinstance(default, bool):
+        return None
+    if isinstance(default, int):
+        return number(int)
+    if isinstance(default, float):
+        return number(float)
+    return str
+
+
+def _add_generic_model_options(p: argparse.ArgumentParser) -> None:
+    """One option per constructor argument of the models in :data:`GENERIC_MODELS`; None (the
+    default) leaves the model's own default, which the help names for each model."""
+    params = _generic_model_params()
+    if not params:
+        return
+    g = p.add_argument_group("stfpm / efficientad settings (None: the model's own default)")
+    taken = {o for a in p._actions for o in a.option_strings}
+    for name, entry in params.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in taken:
+            continue
+        defaults = "; ".join(f"{model}: {default!r}" for model, default in entry["models"].items())
+        text = f"{entry['help']} [{defaults}]".strip()
+        if isinstance(entry["default"], bool):
+            g.add_argument(flag, dest=f"model_{name}", type=_bool_option, default=None, metavar="{true,false}",
+                           help=text)
+        else:
+            g.add_argument(flag, dest=f"model_{name}", type=_option_type(entry["default"]), default=None, help=text)
+
+
+def _bool_option(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _generic_model_kwargs(args, key: str) -> dict:
+    """Constructor arguments for a model of :data:`GENERIC_MODELS` from the command line: the
+    shared options and the given model settings; a setting of another model is refused."""
+    params = _generic_model_params()
+    kwargs = {"image_size": args.image_size, "visualizer": not args.no_images}
+    for name in ("backbone", "layers", "weights"):
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[name] = value
+    for name, entry in params.items():
+        value = getattr(args, f"model_{name}", None)
+        if value is None:
+            continue
+        if key not in entry["models"]:
+            owners = ", ".join(entry["models"])
+            raise UsageError(f"--{name.replace('_', '-')} is a setting of {owners}, not of {key}. Fix: leave it out.")
+        kwargs[name] = value
+    import inspect
+
+    from defectscope.models import MODELS
+
+    accepted = inspect.signature(MODELS[key].__init__).parameters
+    for name in ("backbone", "layers", "weights"):
+        if name in kwargs and name not in accepted:
+            raise UsageError(f"{key} takes no --{name} (its frozen part is not a timm backbone). Fix: leave it out.")
+    return kwargs
+
+
+def _engine(args, run_name=None, results_path=None, project=None, group=None, epochs=1, data_info=None,
+            model=None):
     from defectscope.engine import Engine
+
+    # None: 8, or the batch size the model trains at when it allows only one.
+    batch_size = args.batch_size or (getattr(model, "max_batch_size", None) or 8)
 
     devices = args.devices if args.devices == "auto" else int(args.devices)
     return Engine(
         results_path=results_path or args.results_path, project=project or args.project,
         group=group or args.group or args.data, run_name=run_name or args.run_name, max_epochs=epochs,
-        batch_size=args.batch_size, seed=args.seed, accelerator=args.accelerator, devices=devices,
+        batch_size=batch_size, seed=args.seed, accelerator=args.accelerator, devices=devices,
         strategy=args.strategy, precision=args.precision, num_nodes=args.num_nodes, num_workers=args.num_workers,
         progress=not args.no_progress, resume=not getattr(args, "no_resume", False),
         compile_heads=getattr(args, "compile", False), val_fraction=getattr(args, "val_fraction", 0.2),
@@ -382,9 +516,16 @@ def cmd_train(args) -> int:
     models: dict[str, str] = {}
     rows, run_dir = [], None
     built = []
+    key = model_key(args.model)
     for index, (category, split) in enumerate(splits):
         torch.manual_seed(args.seed)  # the heads' initial weights, so --seed fixes the whole model
-        kwargs = dict(backbone=args.backbone, layers=args.layers, weights=args.weights, image_size=args.image_size,
+        if key in GENERIC_MODELS:
+            model = create_model(args.model, **_generic_model_kwargs(args, key))
+            if not args.no_test:
+                _check_test_images(model, split)
+            built.append(model)
+            continue
+        kwargs = dict(backbone=args.backbone or "efficientnet_lite0", layers=args.layers, weights=args.weights, image_size=args.image_size,
                       perlin_threshold=args.perlin_threshold, adapt_cls_features=args.adapt_cls_features,
                       upscale_factor=args.upscale_factor, lr_scale=args.lr_scale, visualizer=not args.no_images)
         if model_key(args.model) == "supersimplenet":
@@ -398,7 +539,7 @@ def cmd_train(args) -> int:
         built.append(model)
     for index, ((category, split), model) in enumerate(zip(splits, built)):
         engine = _engine(args, run_name=run_name, epochs=args.epochs,
-                         data_info={**settings, "category": category})
+                         data_info={**settings, "category": category}, model=model)
         engine.model_index = index
         run_dir = engine.run_dir
         models[str(index)] = category
@@ -538,7 +679,7 @@ def _closest_options(parser: argparse.ArgumentParser, command: str | None, extra
     return f" (did you mean: {', '.join(hints)}? See `defectscope {command} --help`)" if hints else ""
 
 
-COMMANDS = ("train", "test", "predict", "simplenet")
+COMMANDS = ("train", "test", "predict", "simplenet", "distill-teacher")
 # Exceptions that mean "this input cannot work" (exit status 2): UsageError, DataError and the weights
 # errors are ValueError / FileNotFoundError subclasses; a path of the wrong kind or without permission too.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -593,7 +734,7 @@ def _raise_usage_errors(parser: argparse.ArgumentParser) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse, before any work, what the parser's ``type=`` checks cannot see: a device that is not
     there, a ``predict --output`` that is a file; and ``predict``'s own numbers."""
-    if getattr(args, "batch_size", 1) < 1:
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         raise UsageError(f"argument --batch-size: expected an integer >= 1, got {args.batch_size}")
     accelerator = getattr(args, "accelerator", "auto")
     try:
@@ -688,6 +829,11 @@ def main(argv: list[str] | None = None) -> int:
             from defectscope.cli_simplenet import main as simplenet_main
 
             return simplenet_main(argv[1:], debug=debug)
+        if argv[0] == "distill-teacher":
+            from defectscope.cli_distill import main as distill_main
+
+            with notices_printed():
+                return distill_main(argv[1:])
         parser = build_parser()
         parser.add_argument("--version", "-V", action="version", version=f"%(prog)s {package_version()}")
         parser.add_argument("--debug", action="store_true", help="on an error, show the traceback too (any position)")

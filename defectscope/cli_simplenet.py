@@ -386,7 +386,7 @@ def train_from_args(args) -> int:
         else extras.meta_epochs
     extras.resize = extras.resize or args.image_size
     extras.imagesize = extras.imagesize or min(args.image_size, extras.resize)
-    extras.backbone_names = [args.backbone]
+    extras.backbone_names = [args.backbone or "efficientnet_lite0"]
     extras.layers_to_extract_from = args.layers
     if args.weights:
         extras.weights = args.weights
@@ -396,7 +396,7 @@ def train_from_args(args) -> int:
     import time
 
     engine_options = dict(results_path=args.results_path, project=args.project, group=args.group or args.data,
-                          run_name=args.run_name or time.strftime("%Y%m%d-%H%M%S"), batch_size=args.batch_size,
+                          run_name=args.run_name or time.strftime("%Y%m%d-%H%M%S"), batch_size=args.batch_size or 8,
                           num_workers=args.num_workers, progress=not args.no_progress,
                           resume=not args.no_resume, accelerator=args.accelerator, devices=devices,
                           strategy=args.strategy, precision=args.precision)

@@ -41,6 +41,23 @@ RESULT_COLUMNS = ["data", "category", "image_auroc", "pixel_auroc", "aupro", "im
 class Engine:
     """Training / evaluation loop around a model.
 
+    The engine knows no model by name. A model brings its own step and needs:
+
+    - ``extract_features(images)``: the frozen part, cached once per image (``feature_params()``
+      keys the cache, ``fit_feature_statistics(features)`` sees all of it before training);
+    - ``training_step(features, masks, labels[, mask_known])``, or with
+      ``train_on_images_and_features = True`` ``training_step_images(images, features)`` (a
+      student that sees the images beside a cached frozen teacher), or, when its images are
+      augmented or its backbone trains, ``training_step_images(images)``;
+    - ``configure_optimizers(max_epochs)`` -> (optimizer, scheduler), stepped once an epoch, or
+      with ``scheduler_interval = "step"`` ``configure_optimizers(max_epochs, steps_per_epoch=S)``
+      stepped after every optimizer step;
+    - ``min_batch_size`` (default 2, batch norm) and ``max_batch_size`` (default none): other batch
+      sizes are refused with ``batch_size_reason``, never changed silently;
+    - optionally ``calibrate(batches)``: after training, the held-out good images (normalised
+      batches on the device), e.g. to normalise maps; then the verdict threshold is set;
+    - optionally ``set_regime(regime)`` for labelled defects, ``grad_clip``.
+
     Args:
         results_path, project, group, run_name: the run folder (``run_name`` None: a timestamp).
         max_epochs: training epochs.
@@ -102,8 +119,8 @@ class Engine:
     ) -> None:
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
-        if batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (batch norm needs two samples), got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if threshold_rule not in THRESHOLD_RULES:
             raise ValueError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
         if not (isinstance(max_false_reject, (int, float)) and 0.0 < max_false_reject < 1.0):
@@ -173,6 +190,16 @@ class Engine:
         self.regime = regime
         for notice in notices:
             self._print(f"notice: {notice}")
+        min_batch = int(getattr(model, "min_batch_size", 2))
+        max_batch = getattr(model, "max_batch_size", None)
+        if self.batch_size < min_batch or (max_batch is not None and self.batch_size > max_batch):
+            allowed = f"exactly {min_batch}" if max_batch == min_batch else (
+                f"{min_batch} to {max_batch}" if max_batch else f"at least {min_batch}")
+            why = getattr(model, "batch_size_reason", "")
+            raise DataError(
+                f"{model.name} trains at batch size {allowed}{f' ({why})' if why else ''}; got {self.batch_size}. "
+                f"Fix: --batch-size {min_batch if max_batch == min_batch else max(min_batch, 2)}."
+            )
         AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std).validate()
         samples, validation, val_notes = hold_out_validation(
             samples, self.val_fraction, seed=self.seed, hold_out_defects=self.threshold_rule == "f1"
@@ -214,7 +241,15 @@ class Engine:
                 if sample.label == 1 and sample.mask_path is not None:
                     masks[i] = dataset[i]["mask"].bool()
         weak = not bool(mask_known.all())
-        optimizer, scheduler = model.configure_optimizers(self.max_epochs)
+        # A model may step its learning-rate schedule after every optimizer step instead of every
+        # epoch (scheduler_interval = "step"); it is then told how many steps an epoch has.
+        per_step = getattr(model, "scheduler_interval", "epoch") == "step"
+        if per_step:
+            per_rank = len(features) // fabric.world_size
+            steps_per_epoch = per_rank // self.batch_size + int(per_rank % self.batch_size >= min_batch)
+            optimizer, scheduler = model.configure_optimizers(self.max_epochs, steps_per_epoch=steps_per_epoch)
+        else:
+            optimizer, scheduler = model.configure_optimizers(self.max_epochs)
         state_path = self.model_dir / "last.ckpt"
         start_epoch = 0
         if self.resume and state_path.is_file():
@@ -227,8 +262,14 @@ class Engine:
             compiled = _compile_trainable_modules(model)
             self._print(f"torch.compile: {', '.join(compiled)} (compiled at the first step)")
         fmodel, optimizer = fabric.setup(model, optimizer)
-        fmodel.mark_forward_method("training_step")
-        on_images = _trains_on_images(model)
+        if hasattr(model, "training_step"):
+            fmodel.mark_forward_method("training_step")
+        # Models whose trainable part sees the images while their frozen part's output comes from
+        # the cache (a student beside a frozen teacher): training_step_images(images, features).
+        with_features = bool(getattr(model, "train_on_images_and_features", False))
+        on_images = "" if with_features else _trains_on_images(model)
+        if with_features:
+            fmodel.mark_forward_method("training_step_images")
         if on_images:
             fmodel.mark_forward_method("training_step_images")
             self._print(f"{model.name}: {on_images}, so backbone features are computed from the images "
@@ -248,12 +289,16 @@ class Engine:
                 total, batches = 0.0, 0
                 for start in range(0, len(order), self.batch_size):
                     idx = order[start : start + self.batch_size]
-                    if len(idx) < 2:  # batch norm cannot train on one sample
+                    if len(idx) < min_batch:  # e.g. batch norm cannot train on one sample
                         continue
                     images = None
-                    if on_images or not self.cache_features:
+                    if on_images or with_features or not self.cache_features:
                         images = torch.stack([dataset[int(i)]["image"] for i in idx]).to(fabric.device)
-                    if on_images:
+                    if with_features:
+                        feats = (features[idx].to(fabric.device, torch.float32, non_blocking=True)
+                                 if self.cache_features else model.extract_features(images))
+                        loss = fmodel.training_step_images(images, feats)
+                    elif on_images:
                         loss = fmodel.training_step_images(images)
                     else:
                         if images is None:
@@ -271,10 +316,13 @@ class Engine:
                     if getattr(model, "grad_clip", None):
                         fabric.clip_gradients(fmodel, optimizer, max_norm=model.grad_clip)
                     optimizer.step()
+                    if per_step:
+                        scheduler.step()
                     total += loss.item()
                     batches += 1
                     steps += 1
-                scheduler.step()
+                if not per_step:
+                    scheduler.step()
                 mean_loss = total / max(batches, 1)
                 if writer is not None:
                     writer.add_scalar("train/loss", mean_loss, epoch)
@@ -291,6 +339,8 @@ class Engine:
             state = fabric.broadcast({k: v.cpu() for k, v in model.trained_state_dict().items()}, src=0)
             model.load_state_dict(state, strict=False)
         model.eval()
+        if hasattr(model, "calibrate"):
+            self._calibrate(model, validation or samples)
         self._set_threshold(model, validation or samples, held_out=bool(validation))
         model.training_info = {"epochs": self.max_epochs, "seed": self.seed, "train_size": n, "regime": regime,
                                "batch_size": self.batch_size, "val_fraction": self.val_fraction}
@@ -300,6 +350,15 @@ class Engine:
             model.save(self.model_dir)
         fabric.barrier()
         return model
+
+    @torch.inference_mode()
+    def _calibrate(self, model, samples: list[Sample]) -> None:
+        """Hand the model's ``calibrate`` the held-out good images (normalised batches on the
+        device), e.g. for EfficientAD's map normalisation; never test images."""
+        good = [s for s in samples if s.label == 0]
+        dataset = AnomalyDataset(good, image_size=model.image_size, mean=model.mean, std=model.std)
+        loader = DataLoader(dataset, batch_size=max(self.batch_size, 8), num_workers=self.num_workers)
+        model.calibrate(batch["image"].to(self.fabric.device) for batch in loader)
 
     @torch.inference_mode()
     def _set_threshold(self, model, samples: list[Sample], held_out: bool) -> None:

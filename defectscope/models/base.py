@@ -147,14 +147,21 @@ class AnomalyModel(nn.Module):
         post_processor: bool = True,
         evaluator: bool = True,
         visualizer: bool = True,
+        feature_extractor: nn.Module | None = None,
     ) -> None:
+        """``feature_extractor`` replaces the timm backbone ``backbone`` names (e.g. EfficientAD's
+        PDN teacher). It must have what the base and the engine read from a FeatureExtractor:
+        ``layers``, ``channels``, ``fingerprint`` (str), ``weights_source`` (str) and
+        ``config.mean`` / ``config.std`` (the input normalisation)."""
         super().__init__()
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
         if len(size) != 2 or min(size) < 32:
             raise ValueError(f"image_size must be an int or (height, width) of at least 32 pixels, got {image_size}")
-        self.feature_extractor = FeatureExtractor(
-            backbone=backbone, layers=list(layers) if layers else None, weights=weights, pretrained=pretrained
-        )
+        if feature_extractor is None:
+            feature_extractor = FeatureExtractor(
+                backbone=backbone, layers=list(layers) if layers else None, weights=weights, pretrained=pretrained
+            )
+        self.feature_extractor = feature_extractor
         self.image_size = size
         self.mean = tuple(float(m) for m in self.feature_extractor.config.mean)
         self.std = tuple(float(s) for s in self.feature_extractor.config.std)

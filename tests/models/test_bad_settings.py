@@ -61,7 +61,8 @@ def test_simplenet_refuses_a_bad_setting(kwargs):
 
 ENGINE_BAD = {
     "max_epochs-zero": ({"max_epochs": 0}, "max_epochs"),
-    "batch_size-one": ({"batch_size": 1}, "batch_size"),
+    "batch_size-zero": ({"batch_size": 0}, "batch_size"),
+    "batch_size-fraction": ({"batch_size": 2.5}, "batch_size"),
     "val_fraction-one": ({"val_fraction": 1.0}, "val_fraction"),
     "val_fraction-nan": ({"val_fraction": NAN}, "val_fraction"),
     "val_fraction-negative": ({"val_fraction": -0.1}, "val_fraction"),

@@ -1,0 +1,90 @@
+"""The engine's model interface, with a tiny student-teacher model written here: cached teacher
+features beside the images, per-step schedules, batch-size limits and calibration on held-out
+good images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _engine_helpers import CATEGORIES, build_model, make_engine
+from torch import nn
+
+from defectscope.data import DataError
+from defectscope.models.base import AnomalyModel
+
+
+class TinyStudent(AnomalyModel):
+    """A 1x1-conv student regressing the frozen backbone's last feature map from the images."""
+
+    name = "tinystudent"
+    train_on_images_and_features = True
+    min_batch_size = 1
+    max_batch_size = 1
+    batch_size_reason = "as its reference"
+    scheduler_interval = "step"
+
+    def __init__(self, image_size=64):
+        super().__init__(backbone="efficientnet_lite0", image_size=image_size)
+        self.channels = self.feature_extractor.channels[-1]
+        self.student = nn.Conv2d(3, self.channels, kernel_size=1)
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.calls = {"steps": [], "calibrated": 0, "steps_per_epoch": None}
+
+    def feature_params(self):
+        return {}
+
+    def fit_feature_statistics(self, features):
+        self.calls["statistics"] = features.shape
+
+    @torch.no_grad()
+    def extract_features(self, images):
+        return list(self.feature_extractor(images).values())[-1]
+
+    def _student(self, images, size):
+        return nn.functional.adaptive_avg_pool2d(self.student(images), size)
+
+    def training_step_images(self, images, features):
+        self.calls["steps"].append((images.shape, features.shape))
+        return ((self._student(images, features.shape[-2:]) - features) ** 2).mean()
+
+    def configure_optimizers(self, max_epochs, steps_per_epoch=None):
+        self.calls["steps_per_epoch"] = steps_per_epoch
+        optimizer = torch.optim.SGD(self.student.parameters(), lr=0.01)
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    def calibrate(self, batches):
+        maps = [self(images)[0] for images in batches]
+        self.calls["calibrated"] = sum(len(m) for m in maps)
+        self.scale.fill_(torch.cat(maps).max())
+
+    def forward(self, images):
+        teacher = self.extract_features(images)
+        diff = ((self._student(images, teacher.shape[-2:]) - teacher) ** 2).mean(1, keepdim=True)
+        maps = nn.functional.interpolate(diff, size=self.image_size, mode="bilinear") / self.scale
+        return maps, maps.amax(dim=(1, 2, 3))
+
+
+def test_student_sees_images_with_cached_teacher_features_and_steps_its_schedule(splits, tmp_path):
+    train = splits[CATEGORIES[0]].train  # 8 good images: 6 train, 2 held out
+    torch.manual_seed(0)
+    model = TinyStudent()
+    engine = make_engine(tmp_path, "tiny", max_epochs=2, batch_size=1)
+    engine.fit(model, train)
+    steps = model.calls["steps"]
+    assert len(steps) == 2 * 6 and model.calls["steps_per_epoch"] == 6
+    images_shape, features_shape = steps[0]
+    assert images_shape == (1, 3, 64, 64) and features_shape[0] == 1 and features_shape[1] == model.channels
+    # Stepped after every optimizer step: 12 halvings of 0.01.
+    state = torch.load(engine.model_dir / "last.ckpt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 12
+    # Calibrated on the 2 held-out good images, before the threshold was set on them.
+    assert model.calls["calibrated"] == 2
+    assert float(model.threshold) > 0 and model.threshold_info["n_good"] == 2
+
+
+def test_batch_sizes_a_model_cannot_train_at_are_refused(splits, tmp_path):
+    train = splits[CATEGORIES[0]].train
+    with pytest.raises(DataError, match=r"tinystudent trains at batch size exactly 1 \(as its reference\); got 4.*--batch-size 1"):
+        make_engine(tmp_path, "b4", batch_size=4).fit(TinyStudent(), train)
+    with pytest.raises(DataError, match=r"supersimplenet trains at batch size at least 2; got 1.*--batch-size 2"):
+        make_engine(tmp_path, "b1", batch_size=1).fit(build_model(), train)
