@@ -303,8 +303,9 @@ def _generic_model_params() -> dict[str, dict]:
         for name, param in inspect.signature(cls.__init__).parameters.items():
             if name in SHARED_MODEL_ARGS or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
                 continue
-            entry = params.setdefault(name, {"models": {}, "help": docs.get(name, ""), "default": param.default})
+            entry = params.setdefault(name, {"models": {}, "docs": {}, "default": param.default})
             entry["models"][key] = param.default
+            entry["docs"][key] = docs.get(name, "")
     return params
 
 
@@ -354,13 +355,20 @@ def _add_generic_model_options(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         if flag in taken:
             continue
-        defaults = "; ".join(f"{model}: {default!r}" for model, default in entry["models"].items())
-        text = f"{entry['help']} [{defaults}]".strip()
+        # One model: its own words; shared by several (--lr): each model's words and default.
+        if len(entry["models"]) == 1:
+            (model, default), = entry["models"].items()
+            text = f"{entry['docs'][model]} [{model}: {default!r}]".strip()
+        else:
+            text = "; ".join(f"{model}: {entry['docs'][model]} [{default!r}]".replace(":  [", ": [")
+                             for model, default in entry["models"].items())
+        text = text.replace("%", "%%")  # argparse formats help with %
         if isinstance(entry["default"], bool):
             g.add_argument(flag, dest=f"model_{name}", type=_bool_option, default=None, metavar="{true,false}",
                            help=text)
         else:
-            g.add_argument(flag, dest=f"model_{name}", type=_option_type(entry["default"]), default=None, help=text)
+            g.add_argument(flag, dest=f"model_{name}", type=_option_type(entry["default"]), default=None,
+                           metavar=name.upper(), help=text)
 
 
 def _bool_option(text: str) -> bool:

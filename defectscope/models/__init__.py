@@ -1,13 +1,17 @@
 """Models: one self-contained file per architecture and a small registry by name."""
 
 from defectscope.models.base import AnomalyModel, find_model_dir, list_model_dirs
+from defectscope.models.efficientad import EfficientAd
 from defectscope.models.model_files import ModelFileError
 from defectscope.models.simplenet import SimpleNet
+from defectscope.models.stfpm import Stfpm
 from defectscope.models.supersimplenet import SuperSimpleNet
 
 MODELS: dict[str, type[AnomalyModel]] = {
     "supersimplenet": SuperSimpleNet,
     "simplenet": SimpleNet,
+    "efficientad": EfficientAd,
+    "stfpm": Stfpm,
 }
 
 
@@ -34,5 +38,5 @@ def load_model(path, weights=None, category=None) -> AnomalyModel:
     return AnomalyModel.load_from_path(path, weights=weights, category=category)
 
 
-__all__ = ["AnomalyModel", "MODELS", "ModelFileError", "list_model_dirs", "SimpleNet", "SuperSimpleNet", "create_model", "find_model_dir", "load_model",
+__all__ = ["AnomalyModel", "EfficientAd", "MODELS", "ModelFileError", "list_model_dirs", "SimpleNet", "Stfpm", "SuperSimpleNet", "create_model", "find_model_dir", "load_model",
            "model_key"]

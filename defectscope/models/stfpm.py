@@ -1,0 +1,290 @@
+"""STFPM: a student network learns to reproduce a frozen teacher's feature pyramid.
+
+Paper: Wang, Wu, Cui, Kittler, "Student-Teacher Feature Pyramid Matching for Anomaly
+Detection", BMVC 2021 (https://arxiv.org/abs/2103.04257). Reference code: gdwang08/STFPM and
+anomalib's ``models/image/stfpm``.
+
+Data flow (shapes for a 256x256 input and ResNet-18 ``layer1``..``layer3``)::
+
+    image [B,3,256,256] -> frozen ImageNet teacher -> [B,64,64,64], [B,128,32,32], [B,256,16,16]
+                        -> student, same architecture, random start -> the same shapes
+    per layer: unit-length channel vectors t, s; distance d = 0.5 * ||t - s||^2 per position
+    training loss: sum over layers of d averaged over positions and images (the paper's
+      1 / (2 h w) * sum of squared differences, per image)
+    anomaly map: each layer's d upscaled (bilinear) to the image size, multiplied together;
+      image score: the map's maximum
+
+Only normal images are seen in training, so the student matches the teacher on normal
+content alone and the two disagree where an image is unusual.
+
+The teacher's features never change, so the engine computes them once per image and caches
+them (:meth:`Stfpm.extract_features` flattens the pyramid into one row per image); every step
+then runs only the student on the images (``train_on_images_and_features``).
+
+Offline without ResNet-18 weights the teacher falls back to the packaged EfficientNet-Lite0,
+taking its layers at the same strides (4, 8, 16), with a :class:`BackboneFallbackNotice`; the
+backbone actually used is what ``hparams`` records, so a saved model reloads the same.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from defectscope.backbones import (
+    OFFLINE_DEFAULT,
+    FeatureExtractor,
+    WeightsNotFoundError,
+    get_backbone_config,
+    torch_hub_checkpoint_dir,
+)
+from defectscope.models.base import AnomalyModel
+from defectscope.models.common import check_setting
+
+# The teacher used when the requested backbone's weights are nowhere on this machine.
+FALLBACK_BACKBONE = OFFLINE_DEFAULT
+
+
+class BackboneFallbackNotice(UserWarning):
+    """The requested teacher backbone had no weights here; another backbone was used instead."""
+
+
+# ---- the two formulas ---------------------------------------------------------------------
+def layer_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """``[B,C,h,w]`` twice -> ``[B,1,h,w]``: half the squared distance between the
+    L2-normalised channel vectors at each position (0 when they agree, at most 2)."""
+    diff = F.normalize(teacher, dim=1) - F.normalize(student, dim=1)
+    return 0.5 * diff.pow(2).sum(dim=1, keepdim=True)
+
+
+def pyramid_loss(teacher_maps: Sequence[torch.Tensor], student_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The paper's loss: per layer ``1 / (2 h w)`` times the summed squared differences of the
+    normalised features of an image, averaged over the batch, summed over layers.
+
+    Scale: gdwang08/STFPM's training code leaves out the 1/2 (twice these gradients) and
+    anomalib sums over the batch instead of averaging (batch size times these gradients).
+    """
+    return sum(layer_distance(t, s).mean() for t, s in zip(teacher_maps, student_maps, strict=True))
+
+
+def anomaly_map(
+    teacher_maps: Sequence[torch.Tensor], student_maps: Sequence[torch.Tensor], size: Sequence[int]
+) -> torch.Tensor:
+    """The product over layers of each layer's distance map upscaled to ``size`` -> ``[B,1,H,W]``."""
+    result = None
+    for t, s in zip(teacher_maps, student_maps, strict=True):
+        layer = F.interpolate(layer_distance(t, s), size=tuple(size), mode="bilinear", align_corners=False)
+        result = layer if result is None else result * layer
+    return result
+
+
+# ---- choosing the teacher -----------------------------------------------------------------
+def layer_strides(backbone: str) -> dict[str, int]:
+    """``{layer name: stride}`` of a backbone's feature layers (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = timm.create_model(get_backbone_config(backbone).timm_name, pretrained=False, features_only=True)
+    return dict(zip(model.feature_info.module_name(), model.feature_info.reduction()))
+
+
+def fallback_layers(backbone: str, layers: Sequence[str] | None) -> list[str]:
+    """The layers of :data:`FALLBACK_BACKBONE` at the strides of ``layers`` of ``backbone``
+    (ResNet ``layer1``..``layer3`` -> EfficientNet-Lite0 ``blocks.1``, ``blocks.2``, ``blocks.4``)."""
+    strides = layer_strides(backbone)
+    wanted = list(layers) if layers else list(get_backbone_config(backbone).default_layers)
+    by_stride = {stride: name for name, stride in layer_strides(FALLBACK_BACKBONE).items()}  # last layer per stride
+    unknown = [name for name in wanted if name not in strides]
+    missing = sorted({strides[name] for name in wanted if name in strides} - set(by_stride))
+    if unknown or missing:
+        raise ValueError(
+            f"Cannot fall back from {backbone!r} layers {wanted} to {FALLBACK_BACKBONE!r}: "
+            + (f"unknown layers {unknown} (valid: {list(strides)})" if unknown else
+               f"{FALLBACK_BACKBONE} has no layer at stride(s) {missing} (it has {by_stride})")
+            + ". Fix: pass layers whose strides are among "
+            f"{sorted(by_stride)}, or pass {backbone}'s weights file (weights=...)."
+        )
+    return [by_stride[strides[name]] for name in wanted]
+
+
+def build_teacher(
+    backbone: str, layers: Sequence[str] | None, weights: str | None, pretrained: bool, allow_fallback: bool
+) -> tuple[FeatureExtractor, str, str]:
+    """The frozen teacher, the backbone name it was built from, and a fallback note ("" if none).
+
+    Falls back to :data:`FALLBACK_BACKBONE` only when no weights file was given and none was
+    found (a file the user names but that is missing is an error, never a silent switch).
+    """
+    try:
+        teacher = FeatureExtractor(backbone, list(layers) if layers else None, weights=weights, pretrained=pretrained)
+        return teacher, backbone, ""
+    except WeightsNotFoundError as err:
+        if weights is not None or not allow_fallback:
+            raise
+        looked = "\n".join(line for line in str(err).splitlines() if line.startswith("  - "))
+    config = get_backbone_config(backbone)
+    new_layers = fallback_layers(backbone, layers)
+    teacher = FeatureExtractor(FALLBACK_BACKBONE, new_layers)  # packaged weights, or its own error
+    note = (
+        f"STFPM: no ImageNet weights for backbone {backbone!r} on this machine, so the teacher and student "
+        f"use {FALLBACK_BACKBONE!r} (weights from its pip package) with layers {teacher.layers} at strides "
+        f"{teacher.strides}, in place of {list(layers) if layers else list(config.default_layers)}. "
+        f"To use {backbone}: copy {config.weight_file} ({config.weight_url}) into {torch_hub_checkpoint_dir()}, "
+        f"or pass weights='/path/to/{config.weight_file}' (CLI: --weights); allow_fallback=False "
+        f"makes this an error instead. Looked in:\n{looked}"
+    )
+    return teacher, FALLBACK_BACKBONE, note
+
+
+def _constant(epoch: int) -> float:
+    return 1.0
+
+
+class Stfpm(AnomalyModel):
+    """Student-Teacher Feature Pyramid Matching.
+
+    Args:
+        backbone: teacher and student architecture (see :data:`defectscope.backbones.BACKBONES`).
+        layers: feature layers matched between teacher and student (the reference's three ResNet stages).
+        image_size: input size, a square int or (height, width); 256 as in the reference.
+        weights: teacher weights file (else the local torch / Hugging Face cache is searched).
+        pretrained: False builds a random teacher and searches for no weights (tests only).
+        allow_fallback: no weights for ``backbone`` here: use EfficientNet-Lite0 at its strides, with a notice.
+        lr: SGD learning rate of the student (0.4 in the reference).
+        momentum: SGD momentum (0.9 in the reference).
+        weight_decay: SGD weight decay (1e-4 in the paper's code; anomalib uses 1e-3).
+        pre_processor: resize and normalise inputs in :meth:`predict` (False: already pre-processed tensors).
+        post_processor: outputs ``raw / (raw + s)`` in [0, 1), s the top held-out good score (False: raw).
+        evaluator: compute metrics when the engine tests the model.
+        visualizer: write heat-map overlays when the engine tests the model.
+    """
+
+    name = "stfpm"
+    # The engine caches the teacher's features and hands them to training_step_images with the images.
+    train_on_images_and_features = True
+    min_batch_size = 2
+    batch_size_reason = "the student's batch norm needs at least two images a step"
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        layers: Sequence[str] | None = ("layer1", "layer2", "layer3"),
+        image_size: int | tuple[int, int] = 256,
+        weights: str | None = None,
+        pretrained: bool = True,
+        allow_fallback: bool = True,
+        lr: float = 0.4,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        pre_processor: bool = True,
+        post_processor: bool = True,
+        evaluator: bool = True,
+        visualizer: bool = True,
+    ) -> None:
+        check_setting("lr", lr, 0, low_open=True)
+        check_setting("momentum", momentum, 0, 1, high_open=True)
+        check_setting("weight_decay", weight_decay, 0)
+        teacher, used_backbone, note = build_teacher(backbone, layers, weights, pretrained, allow_fallback)
+        super().__init__(
+            backbone=used_backbone,
+            image_size=image_size,
+            weights=weights,
+            pretrained=pretrained,
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+            feature_extractor=teacher,
+        )
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.hparams.update(allow_fallback=allow_fallback, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        # What the caller asked for when the teacher fell back (written to params.json).
+        self.backbone_fallback = {"requested": backbone, "used": used_backbone} if note else {}
+        if note:
+            warnings.warn(note, BackboneFallbackNotice, stacklevel=2)
+
+        # Same architecture and layers as the teacher, random weights, trainable; the timm
+        # network itself (FeatureExtractor stays frozen in eval mode, the student must not).
+        self.student = FeatureExtractor(used_backbone, teacher.layers, pretrained=False).model
+        self.student.requires_grad_(True)
+        self.student.train(self.training)
+        # Largest raw score of held-out good images (set by calibrate); scales the post-processor.
+        self.register_buffer("map_scale", torch.tensor(1.0))
+
+    def params(self) -> dict:
+        params = super().params()
+        if self.backbone_fallback:
+            params["backbone_fallback"] = dict(self.backbone_fallback)
+        return params
+
+    # ---- features ---------------------------------------------------------------------
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Teacher: ``[B,3,H,W]`` normalised images -> ``[B, D]``, its feature maps flattened and
+        concatenated per image (one cache row per image; :meth:`split_features` undoes it)."""
+        return torch.cat([m.flatten(1) for m in self.feature_extractor(images).values()], dim=1)
+
+    def feature_params(self) -> dict:
+        """Settings that change :meth:`extract_features` output beyond the backbone fingerprint,
+        image size and normalisation (which the engine's cache key holds already)."""
+        return {"teacher_maps": "flattened", "layers": list(self.feature_extractor.layers)}
+
+    def fit_feature_statistics(self, features: torch.Tensor) -> None:
+        """Nothing to fit: STFPM normalises each feature vector on its own."""
+
+    @staticmethod
+    def split_features(features: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``[B, D]`` from :meth:`extract_features` -> the teacher maps, shaped as ``like`` (the
+        student's maps of the same images, which have the teacher's shapes)."""
+        shapes = [tuple(m.shape[1:]) for m in like]
+        sizes = [c * h * w for c, h, w in shapes]
+        if features.dim() != 2 or features.shape[1] != sum(sizes):
+            raise ValueError(
+                f"STFPM expected cached teacher features [B, {sum(sizes)}] (maps {shapes} flattened), got "
+                f"{tuple(features.shape)}. Were they extracted at another image size or with other layers? "
+                "Fix: delete the run's cache folder and train again."
+            )
+        parts = torch.split(features, sizes, dim=1)
+        return [p.reshape(p.shape[0], *shape) for p, shape in zip(parts, shapes)]
+
+    # ---- training ---------------------------------------------------------------------
+    def training_step_images(self, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """One step: ``images`` ``[B,3,H,W]`` normalised, ``features`` their cached
+        :meth:`extract_features` rows ``[B, D]`` -> the scalar loss (:func:`pyramid_loss`)."""
+        student_maps = self.student(images)
+        teacher_maps = self.split_features(features.to(student_maps[0].dtype), student_maps)
+        return pyramid_loss(teacher_maps, student_maps)
+
+    def configure_optimizers(self, max_epochs: int):
+        """SGD on the student's parameters (``lr``, ``momentum``, ``weight_decay``) and a
+        constant schedule (the reference keeps the learning rate fixed)."""
+        optimizer = torch.optim.SGD(
+            self.student.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        """Set ``map_scale`` to the largest raw score of held-out good images (normalised
+        batches), so post-processed good images score at most about 0.5."""
+        scores = [self.raw_outputs(images)[1] for images in batches]
+        if scores:
+            self.map_scale.fill_(torch.cat(scores).max().clamp_min(1e-12))
+
+    # ---- inference --------------------------------------------------------------------
+    def raw_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B,3,H,W]`` normalised images -> raw anomaly maps ``[B,1,H,W]`` and scores ``[B]``."""
+        teacher_maps = list(self.feature_extractor(images).values())
+        student_maps = self.student(images)
+        maps = anomaly_map(teacher_maps, student_maps, images.shape[-2:])
+        return maps, maps.amax(dim=(1, 2, 3))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B,3,H,W]`` normalised images -> anomaly maps ``[B,1,H,W]`` and scores ``[B]`` (the
+        map's maximum); in [0, 1) when ``post_processor`` is on (same order as the raw values)."""
+        maps, scores = self.raw_outputs(images)
+        if self.post_processor:
+            return maps / (maps + self.map_scale), scores / (scores + self.map_scale)
+        return maps, scores
