@@ -801,10 +801,14 @@ def notices_printed():
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", DataNotice)  # defectscope says each notice once itself
+        # The models' own notices (a fallback backbone, no penalty images), also every time.
+        warnings.filterwarnings("always", category=UserWarning, module=r"defectscope\.")
         original = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, DataNotice):
+            if issubclass(category, DataNotice) or (
+                issubclass(category, UserWarning) and category.__module__.startswith("defectscope")
+            ):
                 print(f"notice: {message}", file=sys.stderr, flush=True)
             else:
                 original(message, category, filename, lineno, file, line)
