@@ -91,3 +91,15 @@ def test_refusals(data_root, tmp_path, capsys, teacher, model, options, words):
     code = _train(data_root, tmp_path, model, *options)
     err = capsys.readouterr().err
     assert code == 2 and words in err and "Traceback" not in err
+
+
+def test_efficientad_teacher_file_can_be_re_pointed_on_load(data_root, tmp_path, teacher):
+    import shutil
+
+    from defectscope.models import load_model
+
+    assert _train(data_root, tmp_path, "efficientad", "--teacher-weights", teacher) == 0
+    moved = tmp_path / "elsewhere.pth"
+    shutil.copy(teacher, moved)
+    model = load_model(tmp_path / "defectscope" / "mvtec" / "efficientad", weights=moved)
+    assert model.hparams["teacher_weights"] == str(moved)

@@ -135,6 +135,8 @@ class AnomalyModel(nn.Module):
     """Base class: frozen backbone, pre-processing record, fitted threshold, predict, save/load."""
 
     name = "model"
+    #: The constructor argument that names the frozen part's weights file (load_from_path's ``weights``).
+    frozen_weights_arg = "weights"
 
     def __init__(
         self,
@@ -294,7 +296,10 @@ class AnomalyModel(nn.Module):
             )
         hparams = dict(params["hparams"])
         if weights is not None:
-            hparams["weights"] = str(weights)
+            # The constructor argument naming the frozen part's weights file ("teacher_weights" for
+            # a model whose frozen part is a teacher network rather than a timm backbone).
+            owner = MODELS.get(model_key(saved_name), cls)
+            hparams[getattr(owner, "frozen_weights_arg", "weights")] = str(weights)
         if self is None:
             model_cls = MODELS.get(model_key(saved_name)) if cls is AnomalyModel else cls
             if model_cls is None:
@@ -349,7 +354,7 @@ class AnomalyModel(nn.Module):
         mine = to_plain(dict(self.hparams), "hparams")
         saved = to_plain(saved, "hparams")
         # Set by training, not by the user: the saved value is applied by load_params.
-        ignored = {"weights", "supervised"}
+        ignored = {"weights", "supervised", self.frozen_weights_arg}
         differ = sorted(k for k in set(mine) | set(saved) if k not in ignored and mine.get(k) != saved.get(k))
         if differ:
             listed = "; ".join(f"{k}: this instance {mine.get(k)!r}, saved {saved.get(k)!r}" for k in differ[:8])

@@ -341,6 +341,8 @@ class EfficientAd(AnomalyModel):
     batch_size_reason = "the paper trains EfficientAD on one image per step"
     scheduler_interval = "step"
 
+    frozen_weights_arg = "teacher_weights"  # load_from_path(path, weights=...) re-points the teacher file
+
     def __init__(
         self,
         imagenet_dir: str | None = None,
