@@ -29,6 +29,7 @@ tensors, and its FLOP count (torch.utils.flop_counter). Writes benchmarks/result
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,6 +47,31 @@ LITE_MEAN = LITE_STD = [0.5, 0.5, 0.5]
 
 
 # ---------------------------------------------------------------- shared helpers (both envs)
+@contextlib.contextmanager
+def timm_pretrained_from(weights_path):
+    """While building an anomalib model: timm's ``pretrained=True`` (a download, which fails
+    offline) builds the network empty and loads ``weights_path`` into it instead."""
+    import timm
+    import torch
+
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    real_create = timm.create_model
+
+    def offline_create(name, *args, pretrained=False, **kwargs):
+        model = real_create(name, *args, pretrained=False, **kwargs)
+        if pretrained:
+            missing, _ = model.load_state_dict(state, strict=False)
+            if missing:
+                raise RuntimeError(f"{weights_path} does not fit anomalib's {name}: missing {missing[:5]}")
+        return model
+
+    timm.create_model = offline_create
+    try:
+        yield
+    finally:
+        timm.create_model = real_create
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -90,7 +116,6 @@ def floor_forward(model, images):
 
 # ---------------------------------------------------------------- anomalib side
 def run_anomalib(cfg: dict) -> dict:
-    import timm
     import torch
     from anomalib.data import Folder, MVTecAD
     from anomalib.engine import Engine
@@ -100,23 +125,10 @@ def run_anomalib(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    state = torch.load(cfg["weights"], map_location="cpu", weights_only=True)
-    real_create = timm.create_model
-
-    def offline_create(name, *args, pretrained=False, **kwargs):
-        # anomalib asks timm for pretrained weights (a download); build empty, then load ours.
-        model = real_create(name, *args, pretrained=False, **kwargs)
-        if pretrained:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing:
-                raise RuntimeError(f"weights do not fit the anomalib feature extractor: missing {missing[:5]}")
-        return model
-
-    timm.create_model = offline_create
     pre = PreProcessor(transform=Compose([Resize((cfg["size"], cfg["size"]), antialias=True), Normalize(LITE_MEAN, LITE_STD)]))
-    model = Supersimplenet(backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"], pre_processor=pre,
-                           evaluator=False, visualizer=False)
-    timm.create_model = real_create
+    with timm_pretrained_from(cfg["weights"]):
+        model = Supersimplenet(backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"], pre_processor=pre,
+                               evaluator=False, visualizer=False)
     common = dict(train_batch_size=cfg["batch"], eval_batch_size=32, num_workers=0, seed=cfg["seed"])
     if cfg["data"] == "elpv":
         dm = Folder(name="elpv", root=cfg["root"], normal_dir="train/good", abnormal_dir="test/defect",

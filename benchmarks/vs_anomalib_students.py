@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import vs_anomalib as va  # noqa: E402
-from vs_anomalib import load_tensors, metrics_for, peak_rss_mb, prepare, throughput  # noqa: E402
+from vs_anomalib import load_tensors, metrics_for, peak_rss_mb, prepare, throughput, timm_pretrained_from  # noqa: E402
 
 WORK = va.WORK
 STFPM_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
@@ -127,30 +127,16 @@ def anomalib_common(cfg: dict):
 
 
 def run_anomalib_stfpm(cfg: dict) -> dict:
-    import timm
-    import torch
     from anomalib.models import Stfpm
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
     dm, Engine, engine_kw = anomalib_common(cfg)
-    state = torch.load(cfg["weights"], map_location="cpu", weights_only=True)
-    real_create = timm.create_model
-
-    def offline_create(name, *args, pretrained=False, **kwargs):  # as vs_anomalib.run_anomalib
-        model = real_create(name, *args, pretrained=False, **kwargs)
-        if pretrained:
-            missing, _ = model.load_state_dict(state, strict=False)
-            if missing:
-                raise RuntimeError(f"weights do not fit the anomalib teacher: missing {missing[:5]}")
-        return model
-
-    timm.create_model = offline_create
     pre = PreProcessor(transform=Compose([Resize((cfg["size"], cfg["size"]), antialias=True),
                                           Normalize(cfg["mean"], cfg["std"])]))
-    model = Stfpm(backbone="tf_efficientnet_lite0", layers=cfg["layers"], pre_processor=pre, evaluator=False,
-                  visualizer=False)
-    timm.create_model = real_create
+    with timm_pretrained_from(cfg["weights"]):
+        model = Stfpm(backbone="tf_efficientnet_lite0", layers=cfg["layers"], pre_processor=pre, evaluator=False,
+                      visualizer=False)
     engine = Engine(max_epochs=cfg["epochs"], **engine_kw)
     start = time.perf_counter()
     engine.fit(model=model, datamodule=dm)
@@ -161,7 +147,6 @@ def run_anomalib_stfpm(cfg: dict) -> dict:
 
 
 def run_anomalib_effad(cfg: dict) -> dict:
-    import torch
     from anomalib.models import EfficientAd
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import Compose, Resize
