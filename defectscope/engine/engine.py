@@ -32,7 +32,7 @@ from defectscope.engine.visualize import save_overlay
 from defectscope.metrics import PixelMetrics, compute_metrics
 from defectscope.metrics.threshold import THRESHOLD_RULES, fit_threshold, verdict_rates
 from defectscope.models.base import atomic_save
-from defectscope.models.model_files import ModelFileError, load_tensors, remove_orphan_temporaries
+from defectscope.models.model_files import ModelFileError, load_tensors
 
 RESULT_COLUMNS = ["data", "category", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold",
                   "false_reject_rate", "escape_rate", "n_good", "n_defect", "n_test"]
@@ -365,16 +365,20 @@ class Engine:
         """Score ``samples`` and set ``model.threshold`` by the engine's rule; record how."""
         dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
         scores, labels, _ = self._score(model, dataset, description="Setting the threshold")
-        info = fit_threshold(labels, scores, rule=self.threshold_rule, max_false_reject=self.max_false_reject)
-        model.threshold.fill_(info["threshold"])
-        info["source"] = "held-out training images" if held_out else "training images (in-sample: none held out)"
-        info["seed"] = self.seed
-        info["val_fraction"] = self.val_fraction
-        model.threshold_info = info
-        text = describe_threshold(info)
-        self._print(text)
+        source = "held-out training images" if held_out else "training images (in-sample: none held out)"
+        info = self._apply_threshold(model, labels, scores, source, seed=self.seed, val_fraction=self.val_fraction)
+        self._print(describe_threshold(info))
         for note in info["notes"]:
             self._print(f"notice: {note}")
+
+    def _apply_threshold(self, model, labels, scores, source: str, **record) -> dict:
+        """Set ``model.threshold`` from ``scores`` by the engine's rule and record how (with
+        ``source`` and ``record``) in ``model.threshold_info``; returns that record."""
+        info = fit_threshold(labels, scores, rule=self.threshold_rule, max_false_reject=self.max_false_reject)
+        info.update(source=source, **record)
+        model.threshold.fill_(info["threshold"])
+        model.threshold_info = info
+        return info
 
     def _tensorboard(self):
         if not self.fabric.is_global_zero:
@@ -478,10 +482,8 @@ class Engine:
         else:
             metrics["notes"].append("pixel AUROC and AUPRO need ground-truth masks; this test set has none")
         if update_threshold:
-            info = fit_threshold(labels, scores, rule=self.threshold_rule, max_false_reject=self.max_false_reject)
-            info["source"] = f"test images of {data_name or 'a test set'} ({category}), set by --update-threshold"
-            model.threshold.fill_(info["threshold"])
-            model.threshold_info = info
+            source = f"test images of {data_name or 'a test set'} ({category}), set by --update-threshold"
+            info = self._apply_threshold(model, labels, scores, source)
             metrics["notes"].append(f"threshold updated on these test images: {describe_threshold(info)}; "
                                     "the rates below are now in-sample")
             if self.model_dir.joinpath("ckpt.pth").is_file() and self.fabric.is_global_zero:

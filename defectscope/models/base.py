@@ -9,7 +9,6 @@ weights are resolved again on load and checked against a fingerprint).
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.backbones import FeatureExtractor
-
 from defectscope.models.model_files import (
     CKPT_NAME,
     FORMAT_VERSION,
     LEGACY_PARAMS_NAME,
     PARAMS_NAME,
     ModelFileError,
-    atomic_write,
     load_tensors,
     read_params,
     save_tensors,
     to_plain,
+    write_json,
     write_params,
 )
 
@@ -53,8 +51,7 @@ def atomic_save(obj: Any, path: str | Path, use_torch: bool = True) -> None:
     if use_torch:
         save_tensors(obj, path)
     else:
-        text = json.dumps(to_plain(obj), indent=2, allow_nan=False)
-        atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+        write_json(path, obj)
 
 
 def _is_model_dir(folder: Path) -> bool:

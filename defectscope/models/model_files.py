@@ -116,12 +116,15 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def write_json(path: str | Path, obj: dict[str, Any]) -> None:
+    """Write ``obj`` as strict JSON (see :func:`to_plain`), atomically."""
+    text = json.dumps(to_plain(obj), indent=2, allow_nan=False)
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
 def write_params(path: str | Path, params: dict[str, Any]) -> None:
     """Write ``params`` as ``params.json`` (atomically), stamped with the format and version."""
-    document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **to_plain(params)}
-    document["format_version"] = FORMAT_VERSION
-    text = json.dumps(document, indent=2, allow_nan=False)
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    write_json(path, {"format": FORMAT_NAME, **params, "format_version": FORMAT_VERSION})
 
 
 # ---- reading ------------------------------------------------------------------------------

@@ -79,9 +79,7 @@ def test_engine_refuses_a_bad_setting(kwargs, name, tmp_path):
         Engine(results_path=tmp_path, accelerator="cpu", **kwargs)
 
 
-def test_predict_threshold_must_be_finite(tmp_path):
-    from conftest import small_ssn
-
+def test_predict_threshold_must_be_finite(tmp_path, make_ssn):
     engine = Engine(results_path=tmp_path, accelerator="cpu", progress=False, max_epochs=1)
     with pytest.raises(ValueError, match="threshold must be a finite number"):
-        engine.predict(small_ssn(), [tmp_path / "x.png"], threshold=NAN)
+        engine.predict(make_ssn(), [tmp_path / "x.png"], threshold=NAN)

@@ -20,12 +20,10 @@ from defectscope.models.model_files import PlainDataUnpickler, atomic_write, rem
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, make_ssn):
     """A saved SuperSimpleNet (untrained heads, fitted statistics, threshold 0.42) in a run folder."""
-    from conftest import small_ssn
-
     torch.manual_seed(0)
-    model = small_ssn()
+    model = make_ssn()
     model.fit_feature_statistics(torch.randn(4, 152, 8, 8) * 3 + 1)
     model.threshold.fill_(0.42)
     model.threshold_info = {"source": "held-out training images", "rule": "false_reject"}
@@ -104,7 +102,7 @@ def test_crafted_ckpt_pth_is_refused_and_runs_nothing(run_dir, tmp_path):
     assert not marker.exists()
 
 
-def test_crafted_last_ckpt_is_refused_on_resume_and_runs_nothing(tmp_path):
+def test_crafted_last_ckpt_is_refused_on_resume_and_runs_nothing(tmp_path, make_ssn):
     from defectscope.data import make_synthetic_mvtec, mvtec_split
 
     make_synthetic_mvtec(tmp_path / "data", category="c", image_size=64, n_train=6, n_test_good=2, n_test_defect=2)
@@ -114,10 +112,8 @@ def test_crafted_last_ckpt_is_refused_on_resume_and_runs_nothing(tmp_path):
     state_path = engine.model_dir / "last.ckpt"
     state_path.parent.mkdir(parents=True)
     torch.save({"epoch": 1, "payload": _RunsCode(marker)}, state_path)
-    from conftest import small_ssn
-
     with pytest.raises(ModelFileError, match="Cannot resume: Refused .*last.ckpt.*--no-resume"):
-        engine.fit(small_ssn(), split.train)
+        engine.fit(make_ssn(), split.train)
     assert not marker.exists()
 
 
@@ -157,15 +153,13 @@ def test_broken_model_file_gives_one_clear_error(run_dir, name, how):
 
 
 @pytest.mark.parametrize("how", list(BREAKAGES))
-def test_broken_training_state_names_no_resume(tmp_path, how):
+def test_broken_training_state_names_no_resume(tmp_path, how, make_ssn):
     engine = Engine(results_path=tmp_path, run_name="r", max_epochs=1, batch_size=2, accelerator="cpu", progress=False)
     path = engine.model_dir / "last.ckpt"
     path.parent.mkdir(parents=True)
     torch.save({"epoch": 1, "max_epochs": 1}, path)
     BREAKAGES[how](path)
-    from conftest import small_ssn
-
-    model = small_ssn()
+    model = make_ssn()
     optimizer, scheduler = model.configure_optimizers(1)
     with pytest.raises(ModelFileError, match="last.ckpt.*--no-resume"):
         engine._load_training_state(path, model, optimizer, scheduler)
