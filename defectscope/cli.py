@@ -609,7 +609,6 @@ def _test_data_args(args, run: dict | None):
 
 def cmd_test(args) -> int:
     from defectscope.models import find_model_dir, load_model
-
     from defectscope.models.base import model_category
 
     if not Path(args.model_path).exists():
@@ -617,8 +616,9 @@ def cmd_test(args) -> int:
     run_dir = _run_dir_of(args.model_path)
     chosen = Path(args.model_path)
     chosen = chosen.parent if chosen.is_file() else chosen
-    if args.category is None and chosen != run_dir and (chosen / "ckpt.pth").is_file() and model_category(chosen):
-        args.category = [model_category(chosen)]  # a models/<n> folder: test its own category
+    own_category = model_category(chosen) if chosen != run_dir else None
+    if args.category is None and own_category:
+        args.category = [own_category]  # a models/<n> folder: test its own category
     run = read_run_file(run_dir)
     own_data = args.data is None
     _test_data_args(args, run)
