@@ -339,8 +339,6 @@ class Engine:
             state = fabric.broadcast({k: v.cpu() for k, v in model.trained_state_dict().items()}, src=0)
             model.load_state_dict(state, strict=False)
         model.eval()
-        if hasattr(model, "calibrate"):
-            self._calibrate(model, validation or samples)
         self._set_threshold(model, validation or samples, held_out=bool(validation))
         model.training_info = {"epochs": self.max_epochs, "seed": self.seed, "train_size": n, "regime": regime,
                                "batch_size": self.batch_size, "val_fraction": self.val_fraction}
@@ -352,32 +350,66 @@ class Engine:
         return model
 
     @torch.inference_mode()
-    def _calibrate(self, model, samples: list[Sample]) -> None:
-        """Hand the model's ``calibrate`` the held-out good images (normalised batches on the
-        device), e.g. for EfficientAD's map normalisation; never test images."""
+    def _calibrate(self, model, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Hand the model's ``calibrate`` the held-out good images of ``samples`` (normalised
+        batches on the device), e.g. for EfficientAD's map normalisation; never test images.
+
+        A model whose ``calibrate`` returns the calibrated scores and map maxima of the images
+        it was given saves the engine a second scoring pass over them; returns those, or None."""
         good = [s for s in samples if s.label == 0]
         dataset = AnomalyDataset(good, image_size=model.image_size, mean=model.mean, std=model.std)
         loader = DataLoader(dataset, batch_size=max(self.batch_size, 8), num_workers=self.num_workers)
-        model.calibrate(batch["image"].to(self.fabric.device) for batch in loader)
+        result = model.calibrate(batch["image"].to(self.fabric.device) for batch in loader)
+        if result is None:
+            return None
+        scores, map_max = (torch.as_tensor(r).float().cpu().numpy() for r in result)
+        if len(scores) != len(good) or len(map_max) != len(good):
+            raise RuntimeError(f"{type(model).__name__}.calibrate returned {len(scores)} scores and "
+                               f"{len(map_max)} map maxima for {len(good)} images")
+        return scores, map_max
 
     @torch.inference_mode()
     def _set_threshold(self, model, samples: list[Sample], held_out: bool) -> None:
-        """Score ``samples`` and set ``model.threshold`` by the engine's rule; record how."""
-        dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
-        scores, labels, _ = self._score(model, dataset, description="Setting the threshold")
+        """Calibrate the model (when it has ``calibrate``), score ``samples`` and set
+        ``model.threshold`` and ``model.pixel_threshold`` by the engine's rule; record how.
+
+        The held-out images are scored once: by the model's ``calibrate`` when it returns
+        its scores, else here (a model that calibrates but returns nothing is scored again)."""
+        calibrated = self._calibrate(model, samples) if hasattr(model, "calibrate") else None
+        rest = [s for s in samples if s.label != 0] if calibrated is not None else samples
+        labels, scores, map_max = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
+        if calibrated is not None:
+            labels = np.zeros(len(calibrated[0]), np.int64)
+            scores, map_max = calibrated
+        if rest:
+            dataset = AnomalyDataset(rest, image_size=model.image_size, mean=model.mean, std=model.std)
+            more_scores, more_labels, maps = self._score(model, dataset, description="Setting the threshold")
+            labels = np.concatenate([labels, more_labels])
+            scores = np.concatenate([scores, more_scores])
+            map_max = np.concatenate([map_max, maps.float().amax(dim=(1, 2)).numpy()])
         source = "held-out training images" if held_out else "training images (in-sample: none held out)"
-        info = self._apply_threshold(model, labels, scores, source, seed=self.seed, val_fraction=self.val_fraction)
+        info = self._apply_threshold(model, labels, scores, source, map_max=map_max,
+                                     seed=self.seed, val_fraction=self.val_fraction)
         self._print(describe_threshold(info))
         for note in info["notes"]:
             self._print(f"notice: {note}")
 
-    def _apply_threshold(self, model, labels, scores, source: str, **record) -> dict:
+    def _apply_threshold(self, model, labels, scores, source: str, map_max=None, **record) -> dict:
         """Set ``model.threshold`` from ``scores`` by the engine's rule and record how (with
-        ``source`` and ``record``) in ``model.threshold_info``; returns that record."""
+        ``source`` and ``record``) in ``model.threshold_info``; returns that record.
+
+        With ``map_max`` (each image's largest map value) the same rule on those sets
+        ``model.pixel_threshold``: the map level that marks defect regions (good images' maps
+        stay under it at the rate asked)."""
         info = fit_threshold(labels, scores, rule=self.threshold_rule, max_false_reject=self.max_false_reject)
         info.update(source=source, **record)
         model.threshold.fill_(info["threshold"])
         model.threshold_info = info
+        if map_max is not None:
+            pixel = fit_threshold(labels, map_max, rule=self.threshold_rule, max_false_reject=self.max_false_reject)
+            model.pixel_threshold = float(pixel["threshold"])
+            model.pixel_threshold_info = {"rule": pixel["rule"], "source": f"largest map value of {source}",
+                                          **{k: pixel[k] for k in ("n_good", "n_defect") if k in pixel}}
         return info
 
     def _tensorboard(self):
@@ -483,7 +515,8 @@ class Engine:
             metrics["notes"].append("pixel AUROC and AUPRO need ground-truth masks; this test set has none")
         if update_threshold:
             source = f"test images of {data_name or 'a test set'} ({category}), set by --update-threshold"
-            info = self._apply_threshold(model, labels, scores, source)
+            info = self._apply_threshold(model, labels, scores, source,
+                                         map_max=maps_for_images.float().amax(dim=(1, 2)).numpy())
             metrics["notes"].append(f"threshold updated on these test images: {describe_threshold(info)}; "
                                     "the rates below are now in-sample")
             if self.model_dir.joinpath("ckpt.pth").is_file() and self.fabric.is_global_zero:
@@ -538,6 +571,10 @@ class Engine:
         with progress_bar(description, total=total, enabled=self.progress and fabric.is_global_zero) as advance:
             for batch in loader:
                 batch_maps, batch_scores = model(batch["image"].to(fabric.device))
+                rois = getattr(self, "image_rois", None)  # per-image ROIs (data/roi.py RoiSet), after the forward
+                if rois is not None:
+                    roi = rois.batch(batch["path"], tuple(batch_maps.shape[-2:])).to(batch_maps.device)
+                    batch_maps, batch_scores = model.apply_roi(batch_maps, batch_scores, roi=roi)
                 batch_maps = batch_maps[:, 0].float().cpu()
                 parts["score"].append(batch_scores.float().cpu())
                 parts["map"].append(batch_maps.half())
@@ -615,41 +652,246 @@ class Engine:
     def predict(
         self,
         model,
-        paths: list[str | Path],
+        paths,
         output_dir: str | Path | None = None,
         save_images: bool = True,
         threshold: float | None = None,
+        *,
+        pixel_threshold: float | None = None,
+        writer=None,
+        return_results: bool = True,
+        **writer_options,
     ) -> list[dict]:
-        """Score image files; with ``output_dir``, write ``predictions.csv`` and overlays there.
-        ``threshold`` overrides the model's own for this call. Returns
-        ``[{"path", "score", "is_defect", "threshold"}]`` in input order."""
+        """Score image files in batches and stream the results out.
+
+        ``paths`` is any iterable of image files (a generator or
+        :class:`defectscope.deploy.outputs.image_files` keeps huge folders lazy); each batch is
+        read, scored and handed to the writer before the next is read, so neither the maps nor
+        the file list are held in memory. An unreadable file is skipped with its reason (listed
+        in the outputs and said as a notice) and the run goes on; when no file at all could be
+        read, :class:`DataError` lists why.
+
+        With ``output_dir`` (or a ``writer``, a :class:`~defectscope.deploy.outputs.PredictionWriter`
+        or anything with its ``add`` / ``skip`` / ``flush``), writes ``predictions.csv``,
+        ``regions.json``, overlays (``save_images``) and ``report.html`` there; further
+        ``writer_options`` go to the writer (``save_masks``, ``save_maps``, ``label_for``, ...).
+        ``threshold`` / ``pixel_threshold`` override the model's own for this call.
+
+        Returns ``[{"path", "score", "is_defect", "threshold", "verdict", "skipped"}]`` in input
+        order (``skipped``: the reason, or None; a skipped file has a NaN score), or ``[]`` with
+        ``return_results=False`` (bounded memory) and on the processes other than the first
+        under DDP (each process scores a share of the batches; the first writes them in order).
+        """
+        from defectscope.deploy.outputs import PredictionWriter
+
         self._launch()
-        samples = [Sample(path=Path(p), label=0) for p in paths]
-        if not samples:
+        fabric = self.fabric
+        for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        if hasattr(paths, "__len__") and len(paths) == 0:
             raise DataError("Nothing to predict: no image files were given.")
-        if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
-            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-        dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
-        dataset.validate()
-        model.to(self.fabric.device).eval()
-        scores, _, maps = self._score(model, dataset)
         threshold = float(model.threshold) if threshold is None else float(threshold)
-        results = [
-            {"path": str(s.path), "score": float(sc), "is_defect": bool(sc >= threshold), "threshold": threshold}
-            for s, sc in zip(dataset.samples, scores)
-        ]
-        if output_dir is not None and self.fabric.is_global_zero:
-            out = Path(output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / "predictions.csv", "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=["path", "score", "is_defect", "threshold"])
-                writer.writeheader()
-                writer.writerows(results)
-            lo, hi = _overlay_range(model, maps)
-            for i, s in enumerate(dataset.samples if save_images else []):
-                save_overlay(out / "images" / f"{i:05d}_{s.path.stem}.png", s.path, maps[i].float().numpy(),
-                             float(scores[i]), threshold, lo, hi)
+        if pixel_threshold is None:
+            pixel_threshold = getattr(model, "pixel_threshold", None)
+        own_writer = writer is None and output_dir is not None and fabric.is_global_zero
+        if own_writer:
+            writer_options.setdefault("map_range", (0.0, 1.0) if getattr(model, "post_processor", False) else None)
+            writer_options.setdefault("model_name", getattr(model, "name", type(model).__name__))
+            writer = PredictionWriter(output_dir, threshold, pixel_threshold, save_images=save_images, **writer_options)
+        if not fabric.is_global_zero:
+            writer = None
+        model.to(fabric.device).eval()
+        reader = _PredictReader(model)
+        distributed = fabric.world_size > 1
+        if distributed:
+            paths = [Path(p) for p in paths]  # every process needs the same batches
+            if not paths:
+                raise DataError("Nothing to predict: no image files were given.")
+        batches = _PredictBatches(paths, self.batch_size, reader, rank=fabric.global_rank,
+                                  world_size=fabric.world_size)
+        workers = self.num_workers if not distributed else 0
+        if workers and iter(paths) is paths:
+            batches.paths = list(paths)  # each loading process walks the list; a generator cannot be shared
+        loader = DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=_as_is)
+        results: list[dict] = []
+        counts = {"seen": 0, "scored": 0}
+        reasons: list[str] = []
+        total = len(paths) if hasattr(paths, "__len__") else None
+        try:
+            with progress_bar("Predicting", total=total, enabled=self.progress and fabric.is_global_zero) as advance:
+                for items in loader:
+                    started = time.perf_counter()
+                    ok = [item for item in items if item["image"] is not None]
+                    scores = maps = batch = batch_maps = None
+                    if ok:
+                        batch = torch.stack([item["image"] for item in ok]).to(fabric.device)
+                        batch_maps, batch_scores = model(batch)
+                        maps = batch_maps[:, 0].float().cpu().numpy()
+                        scores = batch_scores.float().cpu().numpy()
+                    share = (time.perf_counter() - started) / max(len(ok), 1)
+                    if distributed:
+                        items, scores, maps = self._gather_predictions(items, scores, maps, reader)
+                    if fabric.is_global_zero:
+                        self._hand_out(items, scores, maps, share, threshold, writer, results if return_results
+                                       else None, counts, reasons)
+                        if writer is not None:
+                            writer.flush()
+                    advance(len(items))
+                    items = batch = batch_maps = maps = None  # dropped before the next batch is read
+        finally:
+            if own_writer:
+                writer.close()  # also after an error: what was scored is reported
+        if fabric.is_global_zero and counts["seen"] == 0:
+            raise DataError("Nothing to predict: no image files were given (or the folders hold none).")
+        if fabric.is_global_zero and counts["scored"] == 0:
+            listed = "\n".join(f"  - {r}" for r in reasons[:20])
+            more = f"\n  ... and {len(reasons) - 20} more." if len(reasons) > 20 else ""
+            raise DataError(f"None of the {counts['seen']} files could be read:\n{listed}{more}\n"
+                            "Fix: repair or remove these files, then run again.")
         return results
+
+    def _hand_out(self, items, scores, maps, share, threshold, writer, results, counts, reasons) -> None:
+        """One batch's results (input order) to the writer and the returned list."""
+        k = 0
+        for item in items:
+            counts["seen"] += 1
+            if item["image"] is None:
+                reason = item["reason"] or "could not be read"
+                if len(reasons) < 21:
+                    reasons.append(f"{item['path']}: {reason}")
+                if writer is not None:
+                    writer.skip(item["path"], reason)
+                if results is not None:
+                    results.append({"path": str(item["path"]), "score": math.nan, "is_defect": None,
+                                    "threshold": threshold, "verdict": "skipped", "skipped": reason})
+                continue
+            score = float(scores[k])
+            if writer is not None:
+                writer.add(item["path"], item["rgb"], score, maps[k], item["seconds"] + share)
+            if results is not None:
+                results.append({"path": str(item["path"]), "score": score, "is_defect": bool(score >= threshold),
+                                "threshold": threshold, "verdict": "defect" if score >= threshold else "good",
+                                "skipped": None})
+            counts["scored"] += 1
+            k += 1
+
+    def _gather_predictions(self, items, scores, maps, reader):
+        """DDP: every process's batch of this step to the first process, in input order.
+        Shapes are padded to the batch size (collectives need equal shapes); the first process
+        reads the other processes' images again for its outputs."""
+        fabric = self.fabric
+        size = self.batch_size
+        h, w = reader.image_size
+        padded_scores = torch.zeros(size)
+        padded_maps = torch.zeros(size, h, w)
+        valid = torch.zeros(size, dtype=torch.uint8)
+        number = torch.tensor([items[0]["batch"] if items else -1])
+        ok = [i for i, item in enumerate(items) if item["image"] is not None]
+        if ok:
+            padded_scores[ok] = torch.from_numpy(scores)
+            padded_maps[ok] = torch.from_numpy(maps)
+            valid[ok] = 1
+        gathered = fabric.all_gather({"scores": padded_scores.to(fabric.device), "maps": padded_maps.to(fabric.device),
+                                      "valid": valid.to(fabric.device), "batch": number.to(fabric.device)})
+        if not fabric.is_global_zero:
+            return [], None, None
+        merged, out_scores, out_maps = [], [], []
+        for rank in range(fabric.world_size):
+            batch_number = int(gathered["batch"][rank][0])
+            if batch_number < 0:
+                continue
+            own = rank == fabric.global_rank
+            files = [it["path"] for it in items] if own else reader.batch_paths(batch_number)
+            for j, path in enumerate(files):
+                item = items[j] if own else reader.read(path, need_tensor=False)
+                if bool(gathered["valid"][rank][j]):
+                    if item["rgb"] is None:  # read there, not here: keep its score, say why no picture
+                        item = dict(item, rgb=np.zeros((h, w, 3), np.uint8))
+                    item = dict(item, image=True)
+                    out_scores.append(float(gathered["scores"][rank][j]))
+                    out_maps.append(gathered["maps"][rank][j].float().cpu().numpy())
+                merged.append(item)
+        return merged, np.asarray(out_scores, np.float32), out_maps
+
+
+def _as_is(batch):
+    """DataLoader collate for :class:`_PredictBatches`: the batch as built."""
+    return batch
+
+
+class _PredictReader:
+    """Reads one image for prediction: the RGB picture as stored (for the outputs) and the
+    model's normalised input, or the reason it cannot be read. Same pre-processing as
+    training and ``test`` (AnomalyDataset)."""
+
+    def __init__(self, model) -> None:
+        self.image_size = tuple(model.image_size)
+        self.dataset = AnomalyDataset([Sample(path=Path("."), label=0)], image_size=model.image_size,
+                                      mean=model.mean, std=model.std)
+        self.paths: list | None = None  # DDP: the full list, to find another process's batch
+        self.batch_size = 1
+
+    def read(self, path, need_tensor: bool = True) -> dict:
+        from defectscope.data import load_image
+
+        started = time.perf_counter()
+        item = {"path": Path(path), "rgb": None, "image": None, "reason": None, "seconds": 0.0}
+        try:
+            picture = load_image(path)
+            item["rgb"] = np.asarray(picture)
+            if need_tensor:
+                item["image"] = self.dataset._image_tensor(picture)
+        except DataError as err:
+            item["reason"] = str(err)
+        except Exception as err:  # noqa: BLE001 (a file the decoder chokes on is skipped, not fatal)
+            item["reason"] = f"cannot be read ({type(err).__name__}: {err})"
+        item["seconds"] = time.perf_counter() - started
+        return item
+
+    def batch_paths(self, number: int) -> list:
+        return self.paths[number * self.batch_size:(number + 1) * self.batch_size]
+
+
+class _PredictBatches(torch.utils.data.IterableDataset):
+    """Batches of read images, built lazily from an iterable of paths. Batch ``b`` is read by
+    loading process ``b % workers`` and, under DDP, scored by process ``b % world_size``; a
+    DDP process pads its share with empty batches so that every process takes as many steps."""
+
+    def __init__(self, paths, batch_size: int, reader: _PredictReader, rank: int = 0, world_size: int = 1) -> None:
+        self.paths = paths
+        self.batch_size = batch_size
+        self.reader = reader
+        self.rank, self.world_size = rank, world_size
+        if world_size > 1:
+            reader.paths, reader.batch_size = list(paths), batch_size
+
+    def _chunks(self):
+        chunk = []
+        for path in self.paths:
+            chunk.append(path)
+            if len(chunk) == self.batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.world_size > 1:
+            n_batches = math.ceil(len(self.paths) / self.batch_size)
+            steps = math.ceil(n_batches / self.world_size)
+            for step in range(steps):
+                number = step * self.world_size + self.rank
+                chunk = self.paths[number * self.batch_size:(number + 1) * self.batch_size]
+                yield [dict(self.reader.read(p), batch=number) for p in chunk]
+            return
+        for number, chunk in enumerate(self._chunks()):
+            if number % workers == worker:
+                yield [self.reader.read(p) for p in chunk]
 
 
 def _without_training_images(model, samples: list[Sample]) -> tuple[list[Sample], list[str]]:

@@ -172,7 +172,15 @@ class AnomalyModel(nn.Module):
         # training-side images (defectscope.metrics.threshold), never from a test set.
         # ``threshold_info`` says where it came from; empty while the model is untrained.
         self.register_buffer("threshold", torch.tensor(0.5))
+        # Region of interest at image_size, 1 inside (all ones: none set). Saved in ckpt.pth;
+        # ``roi_info`` (params.json) says whether one is set and where it came from. See set_roi.
+        self.register_buffer("roi", torch.ones(1, 1, *size))
+        self.roi_info: dict[str, Any] = {}
         self.threshold_info: dict[str, Any] = {}
+        # Map level that marks defect regions (predict's regions and masks), set by the same rule
+        # on the held-out images' largest map values; None for a model saved before it existed.
+        self.pixel_threshold: float | None = None
+        self.pixel_threshold_info: dict[str, Any] = {}
         # The data the model was trained on (category, data-set settings, image lists).
         self.data_info: dict[str, Any] = {}
         # Training settings (epochs, seed, regime, ...), recorded by the engine.
@@ -236,6 +244,85 @@ class AnomalyModel(nn.Module):
             return float(scores[0]), maps[0]
         return scores, maps
 
+    # ---- region of interest -----------------------------------------------------------
+    def set_roi(self, roi, source: str | None = None, image_size: tuple[int, int] | None = None) -> None:
+        """Restrict the model to a region of interest: outside it the map is zero, the image
+        score ignores it, and (SuperSimpleNet, SimpleNet) training puts no synthetic noise there.
+
+        ``roi``: a mask file (non-zero = inside), or a bool / 0-1 array or tensor ``[H, W]``;
+        None removes the ROI. It is resized to ``image_size`` (nearest). ``image_size`` here is the
+        (h, w) of the data's images: a mask of another size is resized with a notice. Set it
+        before training (the threshold is fitted on ROI-masked scores); it is saved with the model.
+
+        With a ROI every model's image score is the maximum of its map inside the ROI (for
+        SuperSimpleNet too: its classification head pools the whole feature map, so it cannot
+        ignore a region; see ``roi_score_note``)."""
+        from defectscope.data.roi import read_roi, resize_roi
+
+        if roi is None:
+            self.roi.fill_(1.0)
+            self.roi_info = {}
+            return
+        name = None
+        if isinstance(roi, (str, Path)):
+            source = source or str(Path(roi).resolve())
+            name = f"ROI mask {roi}"
+            roi = read_roi(roi)
+        tensor = resize_roi(roi, self.image_size, name=name, expected=image_size)
+        self.roi.copy_(tensor.to(self.roi))
+        import hashlib
+
+        digest = hashlib.sha256(tensor.to(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+        self.roi_info = {"set": True, "source": source or "array", "coverage": round(float(tensor.mean()), 6),
+                         "digest": digest}
+
+    @property
+    def has_roi(self) -> bool:
+        """Whether a region of interest is set (a Python constant for tracing / export)."""
+        return bool(self.roi_info)
+
+    def roi_grid(self, height: int, width: int, roi: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The ROI (or ``roi``, e.g. a crop of it) on a ``height x width`` grid (a feature map),
+        ``[1, 1, h, w]`` with 1 where at least half a cell is inside; None when no ROI is set."""
+        if not self.has_roi:
+            return None
+        roi = self.roi if roi is None else roi
+        share = F.interpolate(roi, size=(height, width), mode="area")
+        grid = share >= 0.5
+        if not bool(grid.any()):  # a ROI thinner than half a cell: every cell it touches
+            grid = share > 0
+        return grid.to(roi.dtype)
+
+    def roi_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``[B,3,H,W]`` with everything outside the ROI set to 0 (the mean
+        colour): called where a model's networks first see images, in training and inference
+        alike, so nothing outside the ROI reaches them (without it a bright fixture outside still
+        moves the features inside through the backbone's receptive field). Unchanged without a ROI."""
+        if not self.has_roi:
+            return images
+        roi = self.roi.to(device=images.device, dtype=images.dtype)
+        if tuple(roi.shape[-2:]) != tuple(images.shape[-2:]):
+            roi = F.interpolate(roi, size=tuple(images.shape[-2:]), mode="nearest-exact")
+        return images * roi
+
+    def apply_roi(self, maps: torch.Tensor, scores: torch.Tensor,
+                  roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last step of every model's forward: maps ``[B,1,H,W]`` are zeroed outside the ROI
+        and the image score becomes the map's maximum inside it. ``roi`` (``[B or 1,1,h,w]``, e.g.
+        per-image masks applied after the forward) replaces the model's own; without either,
+        maps and scores pass unchanged. No data-dependent control flow (traceable)."""
+        if roi is None:
+            if not self.has_roi:
+                return maps, scores
+            roi = self.roi
+        roi = roi.to(device=maps.device, dtype=maps.dtype)
+        if tuple(roi.shape[-2:]) != tuple(maps.shape[-2:]):
+            roi = F.interpolate(roi, size=tuple(maps.shape[-2:]), mode="nearest-exact")
+        inside = roi > 0.5
+        low = torch.tensor(torch.finfo(maps.dtype).min, dtype=maps.dtype, device=maps.device)
+        scores = torch.where(inside, maps, low).amax(dim=(1, 2, 3))
+        return maps * roi, scores
+
     # ---- saving and loading -----------------------------------------------------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen backbone."""
@@ -253,6 +340,9 @@ class AnomalyModel(nn.Module):
             "backbone_weights_source": self.feature_extractor.weights_source,
             "threshold": float(self.threshold),
             "threshold_info": dict(self.threshold_info),
+            "roi": dict(self.roi_info) or None,
+            "pixel_threshold": self.pixel_threshold,
+            "pixel_threshold_info": dict(self.pixel_threshold_info),
             "data": dict(self.data_info),
             "training": dict(self.training_info),
         }
@@ -317,7 +407,8 @@ class AnomalyModel(nn.Module):
         if not isinstance(state.get("state_dict"), dict):
             raise ModelFileError(f"{folder / CKPT_NAME} holds no 'state_dict'. Fix: retrain the model.")
         missing, unexpected = self.load_state_dict(state["state_dict"], strict=False)
-        missing = [k for k in missing if not k.startswith("feature_extractor.")]
+        # "roi": models saved before ROIs existed have none (the all-ones buffer stays).
+        missing = [k for k in missing if not k.startswith("feature_extractor.") and k != "roi"]
         if missing or unexpected:
             raise ModelFileError(
                 f"{folder / CKPT_NAME} does not fit this {type(self).__name__}: missing {missing[:5]}, "
@@ -336,6 +427,12 @@ class AnomalyModel(nn.Module):
         self.threshold_info = dict(params.get("threshold_info") or {})
         if not self.threshold_info and params.get("format_version") == 1:
             self.threshold_info = {"source": "unknown (a model saved before thresholds were recorded)"}
+        pixel = params.get("pixel_threshold")
+        self.pixel_threshold = float(pixel) if pixel is not None else None
+        self.pixel_threshold_info = dict(params.get("pixel_threshold_info") or {})
+        self.roi_info = dict(params.get("roi") or {})
+        if not self.roi_info:
+            self.roi.fill_(1.0)
         self.data_info = dict(params.get("data") or {})
         self.training_info = dict(params.get("training") or {})
         for key in ("epochs", "seed", "train_size", "regime"):  # format 1 kept these at the top level

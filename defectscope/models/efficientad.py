@@ -420,7 +420,7 @@ class EfficientAd(AnomalyModel):
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's raw output ``[B,C,h,w]`` for normalised images (the engine caches it)."""
-        return self.feature_extractor(images)
+        return self.feature_extractor(self.roi_images(images))
 
     def feature_params(self) -> dict:
         return {"teacher": "pdn", "model_size": self.hparams["model_size"], "padding": self.hparams["padding"]}
@@ -483,6 +483,7 @@ class EfficientAd(AnomalyModel):
         """One step: normalised images ``[B,3,H,W]`` and their cached teacher outputs -> the loss
         ``hard + penalty + autoencoder + student-autoencoder``."""
         c = self.channels
+        images = self.roi_images(images)
         teacher = self._teacher_standardized(features.to(images.dtype))
         loss = hard_loss((teacher - self.student(images)[:, :c]).square())
         penalty = self._penalty_image(images.device)
@@ -504,30 +505,39 @@ class EfficientAd(AnomalyModel):
         return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(0.95 * steps)), gamma=0.1)
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit the map normalisation on held-out good images (normalised batches): the 0.9 and
-        0.995 quantiles of each raw map, over all their positions."""
-        st, ae, count = [], [], 0
+        0.995 quantiles of each raw map, over all their positions.
+
+        Returns those images' scores and map maxima as :meth:`forward` now gives them, from the
+        raw maps already computed (the engine sets the threshold from them without scoring the
+        images again)."""
+        st, ae = [], []
         for images in batches:
             map_st, map_ae = self.raw_maps(images)
-            st.append(map_st.float().cpu().reshape(-1))
-            ae.append(map_ae.float().cpu().reshape(-1))
-            count += len(images)
-        if not count:
+            st.append(map_st.float().cpu())
+            ae.append(map_ae.float().cpu())
+        if not st:
             raise ValueError("EfficientAD's map normalisation needs at least one held-out good image; got none.")
         st, ae = torch.cat(st), torch.cat(ae)
-        values = [quantile(st, 0.9), quantile(st, 0.995), quantile(ae, 0.9), quantile(ae, 0.995)]
+        values = [quantile(st.reshape(-1), 0.9), quantile(st.reshape(-1), 0.995),
+                  quantile(ae.reshape(-1), 0.9), quantile(ae.reshape(-1), 0.995)]
         self.map_quantiles.copy_(torch.stack(values))
         names = ("st_start", "st_end", "ae_start", "ae_end")
         self.calibration_info = {
-            **{k: float(v) for k, v in zip(names, values)}, "images": count,
+            **{k: float(v) for k, v in zip(names, values)}, "images": len(st),
             "source": "good images given to calibrate() after training (the engine's held-out good training "
                       "images; the training images when it holds none out)"}
+        device = self.map_quantiles.device
+        scores = torch.cat([self.maps_from_raw(a.to(device), b.to(device))[1].cpu()
+                            for a, b in zip(st.split(16), ae.split(16))])
+        return scores, scores
 
     # ---- inference ----------------------------------------------------------------------------
     def raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images -> the student-teacher and autoencoder maps ``[B,1,h,w]``, unnormalised."""
         c = self.channels
+        images = self.roi_images(images)
         teacher = self._teacher_standardized(self.feature_extractor(images))
         student = self.student(images)
         map_st = (teacher - student[:, :c]).square().mean(dim=1, keepdim=True)
@@ -536,15 +546,22 @@ class EfficientAd(AnomalyModel):
 
     def combined_map(self, images: torch.Tensor) -> torch.Tensor:
         """The normalised, averaged map at the PDN grid, padded by ``pad_maps``: ``[B,1,h,w]``."""
-        map_st, map_ae = self.raw_maps(images)
+        return self._combine(*self.raw_maps(images))
+
+    def _combine(self, map_st: torch.Tensor, map_ae: torch.Tensor) -> torch.Tensor:
         q = self.map_quantiles
         combined = 0.5 * normalize_map(map_st, q[0], q[1]) + 0.5 * normalize_map(map_ae, q[2], q[3])
         return F.pad(combined, (self.pad,) * 4) if self.pad else combined
 
+    def maps_from_raw(self, map_st: torch.Tensor, map_ae: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`raw_maps`' two maps -> the anomaly maps ``[B,1,H,W]`` and scores ``[B]`` of :meth:`forward`."""
+        maps = F.interpolate(self._combine(map_st, map_ae), size=self.image_size, mode="bilinear",
+                             align_corners=False)
+        if self.post_processor:
+            maps = torch.sigmoid((maps - 0.1) / 0.1)
+        return self.apply_roi(maps, maps.amax(dim=(1, 2, 3)))
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B,3,H,W]`` normalised images -> anomaly maps ``[B,1,H,W]`` and scores ``[B]`` (each
         map's maximum); in (0, 1) when ``post_processor`` is on (same order)."""
-        maps = F.interpolate(self.combined_map(images), size=self.image_size, mode="bilinear", align_corners=False)
-        if self.post_processor:
-            maps = torch.sigmoid((maps - 0.1) / 0.1)
-        return maps, maps.amax(dim=(1, 2, 3))
+        return self.maps_from_raw(*self.raw_maps(images))

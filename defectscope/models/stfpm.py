@@ -224,7 +224,7 @@ class Stfpm(AnomalyModel):
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher: ``[B,3,H,W]`` normalised images -> ``[B, D]``, its feature maps flattened and
         concatenated per image (one cache row per image; :meth:`split_features` undoes it)."""
-        return torch.cat([m.flatten(1) for m in self.feature_extractor(images).values()], dim=1)
+        return torch.cat([m.flatten(1) for m in self.feature_extractor(self.roi_images(images)).values()], dim=1)
 
     def feature_params(self) -> dict:
         """Settings that change :meth:`extract_features` output beyond the backbone fingerprint,
@@ -253,7 +253,7 @@ class Stfpm(AnomalyModel):
     def training_step_images(self, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """One step: ``images`` ``[B,3,H,W]`` normalised, ``features`` their cached
         :meth:`extract_features` rows ``[B, D]`` -> the scalar loss (:func:`pyramid_loss`)."""
-        student_maps = self.student(images)
+        student_maps = self.student(self.roi_images(images))
         teacher_maps = self.split_features(features.to(student_maps[0].dtype), student_maps)
         return pyramid_loss(teacher_maps, student_maps)
 
@@ -266,20 +266,31 @@ class Stfpm(AnomalyModel):
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Set ``map_scale`` to the largest raw score of held-out good images (normalised
-        batches), so post-processed good images score at most about 0.5."""
-        scores = [self.raw_outputs(images)[1] for images in batches]
-        if scores:
-            self.map_scale.fill_(torch.cat(scores).max().clamp_min(1e-12))
+        batches), so post-processed good images score at most about 0.5.
+
+        Returns those images' scores and map maxima as :meth:`forward` now gives them (the
+        engine sets the threshold from them without scoring the images again), or None when
+        no image came."""
+        raw = [self.raw_outputs(images)[1] for images in batches]
+        if not raw:
+            return None
+        raw = torch.cat(raw)
+        self.map_scale.fill_(raw.max().clamp_min(1e-12))
+        # The score is the map's maximum and the post-processor is monotonic, so both are
+        # exactly what forward computes for the score.
+        scores = raw / (raw + self.map_scale) if self.post_processor else raw
+        return scores, scores
 
     # ---- inference --------------------------------------------------------------------
     def raw_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B,3,H,W]`` normalised images -> raw anomaly maps ``[B,1,H,W]`` and scores ``[B]``."""
+        images = self.roi_images(images)
         teacher_maps = list(self.feature_extractor(images).values())
         student_maps = self.student(images)
         maps = anomaly_map(teacher_maps, student_maps, images.shape[-2:])
-        return maps, maps.amax(dim=(1, 2, 3))
+        return self.apply_roi(maps, maps.amax(dim=(1, 2, 3)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B,3,H,W]`` normalised images -> anomaly maps ``[B,1,H,W]`` and scores ``[B]`` (the

@@ -88,3 +88,58 @@ def test_batch_sizes_a_model_cannot_train_at_are_refused(splits, tmp_path):
         make_engine(tmp_path, "b4", batch_size=4).fit(TinyStudent(), train)
     with pytest.raises(DataError, match=r"supersimplenet trains at batch size at least 2; got 1.*--batch-size 2"):
         make_engine(tmp_path, "b1", batch_size=1).fit(build_model(), train)
+
+
+class CountingStudent(TinyStudent):
+    """TinyStudent whose calibrate returns the calibrated scores (one pass), counting forwards."""
+
+    name = "countingstudent"
+
+    def forward(self, images):
+        self.calls["forward_images"] = self.calls.get("forward_images", 0) + len(images)
+        return super().forward(images)
+
+    def calibrate(self, batches):
+        batches = list(batches)
+        raw = torch.cat([super(CountingStudent, self).forward(b)[1] for b in batches])
+        self.calls["calibrated"] = len(raw)
+        self.scale.fill_(raw.max())
+        scores = raw / self.scale
+        return scores, scores
+
+
+def test_held_out_images_are_scored_once_when_calibrate_returns_their_scores(splits, tmp_path):
+    from defectscope.metrics.threshold import fit_threshold
+
+    train = splits[CATEGORIES[0]].train  # 6 trained, 2 held out
+    torch.manual_seed(0)
+    model = CountingStudent()
+    engine = make_engine(tmp_path, "once", max_epochs=1, batch_size=1)
+    engine.fit(model, train)
+    assert model.calls["calibrated"] == 2
+    assert model.calls.get("forward_images", 0) == 0  # no second scoring pass
+    # The threshold is the rule applied to forward's scores of the held-out images.
+    held_out = [s for s in train if str(s.path) in model.data_info["validation_images"]]
+    from defectscope.data.dataset import AnomalyDataset
+
+    images = torch.stack([AnomalyDataset(held_out, image_size=model.image_size, mean=model.mean,
+                                         std=model.std)[i]["image"] for i in range(len(held_out))])
+    with torch.no_grad():
+        scores = model(images)[1].numpy()
+    expected = fit_threshold([0] * len(scores), scores, max_false_reject=engine.max_false_reject)
+    assert float(model.threshold) == pytest.approx(expected["threshold"], rel=1e-6)
+    assert model.pixel_threshold == pytest.approx(expected["threshold"], rel=1e-6)
+
+
+def test_pixel_threshold_comes_from_held_out_map_maxima_and_is_saved(splits, tmp_path):
+    train = splits[CATEGORIES[0]].train
+    torch.manual_seed(0)
+    model = TinyStudent()
+    engine = make_engine(tmp_path, "pix", max_epochs=1, batch_size=1)
+    engine.fit(model, train)
+    assert model.pixel_threshold is not None and model.pixel_threshold_info["n_good"] == 2
+    assert "held-out" in model.pixel_threshold_info["source"]
+    loaded = TinyStudent()
+    loaded.load_from_path(engine.model_dir)
+    assert loaded.pixel_threshold == pytest.approx(model.pixel_threshold)
+    assert loaded.pixel_threshold_info == model.pixel_threshold_info

@@ -348,3 +348,15 @@ def test_engine_trains_calibrates_and_tests(teacher_file, penalty_dir, tmp_path)
     with pytest.raises(Exception, match=r"efficientad trains at batch size exactly 1"):
         Engine(results_path=tmp_path / "results", run_name="b2", max_epochs=1, batch_size=2,
                accelerator="cpu", progress=False).fit(small(teacher_file, penalty_dir), split.train)
+
+
+def test_calibrate_returns_the_scores_forward_gives_after_calibration(teacher_file):
+    model = small(teacher_file)
+    images = normalised(model, torch.rand(5, 3, *model.image_size, generator=torch.Generator().manual_seed(3)))
+    model.fit_feature_statistics(model.extract_features(images))
+    model.eval()
+    scores, map_max = model.calibrate(images[i:i + 2] for i in range(0, 5, 2))
+    with torch.no_grad():
+        maps, expected = model(images)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(map_max, maps.amax(dim=(1, 2, 3)), rtol=1e-5, atol=1e-6)

@@ -296,3 +296,17 @@ def test_engine_fits_and_tests_stfpm(tmp_path, monkeypatch):
     with torch.no_grad():
         for a, b in zip(loaded(x), fitted(x)):
             assert torch.equal(a, b)
+
+
+def test_calibrate_returns_the_scores_forward_gives_after_calibration():
+    model = random_resnet18().eval()
+    perturb_student_statistics(model)
+    x = images(5)
+    scores, map_max = model.calibrate(x[i:i + 2] for i in range(0, 5, 2))
+    with torch.no_grad():
+        maps, expected = model(x)
+        raw_max = float(model.raw_outputs(x)[1].max())
+    assert float(model.map_scale) == pytest.approx(raw_max, rel=1e-5)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(map_max, maps.amax(dim=(1, 2, 3)), rtol=1e-5, atol=1e-7)
+    assert model.calibrate(iter(())) is None
