@@ -85,10 +85,13 @@ def test_loss_equals_a_loop_over_layers_and_positions():
                     tv, sv = t[k, :, i, j], s[k, :, i, j]
                     diff = tv / tv.norm() - sv / sv.norm()
                     per_image += float((diff * diff).sum())
-            expected += per_image / (2 * h * w) / b
+            expected += per_image / (2 * h * w)  # summed over the batch (the default)
     assert len(teacher) == 3
     assert loss.item() == pytest.approx(expected, rel=1e-9)
     assert pyramid_loss(teacher, student).item() == pytest.approx(expected, rel=1e-9)
+    assert pyramid_loss(teacher, student, "mean").item() == pytest.approx(expected / len(x), rel=1e-9)
+    with pytest.raises(ValueError, match="batch_reduction must be 'sum' or 'mean'"):
+        pyramid_loss(teacher, student, "max")
 
 
 def test_map_is_the_product_of_upscaled_layer_maps():
