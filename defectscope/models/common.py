@@ -140,17 +140,27 @@ class GaussianBlur2d(nn.Module):
         pad = self.kernel_size // 2
         mode = "reflect" if min(h, w) > pad else "replicate"
         k = self.kernel.to(maps.dtype)
-        if maps.device.type == "cpu" and max(h, w) <= MATMUL_BLUR_MAX_SIZE:
+        if maps.device.type == "cpu" and max(h, w) <= MATMUL_BLUR_MAX_SIZE and self._matmul_ready(h, w, mode, k):
             # The same sums as two products with banded matrices (padding folded in): a
             # one-channel convolution runs far below a matrix product's speed on a CPU
             # (32 maps of 256x256: 203 -> 24 ms on one thread; 512: 191 -> 51 ms; 1024: 194 -> 91 ms).
-            x = maps.reshape(b * c, h, w) @ self._matrix(w, mode, k)
-            x = self._matrix(h, mode, k).t() @ x
+            x = maps.reshape(b * c, h, w) @ self._matrix(int(w), mode, k)
+            x = self._matrix(int(h), mode, k).t() @ x
             return x.reshape(b, c, h, w)
         x = maps.reshape(b * c, 1, h, w)
         x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode=mode), k.view(1, 1, 1, -1))
         x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode=mode), k.view(1, 1, -1, 1))
         return x.reshape(b, c, h, w)
+
+    def _matmul_ready(self, h, w, mode: str, kernel: torch.Tensor) -> bool:
+        """Whether the matrix products may run: always in eager mode; while a graph is traced for
+        export (the legacy ONNX exporter's tracer, torch.export) only with both matrices already
+        cached, so that they enter the graph as constants. Built inside a trace, the matrix's
+        accumulating scatter exports as an overwriting one (ONNX ScatterND) and the exported blur
+        is wrong, most at the border; the convolution below exports exactly."""
+        if not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+            return True
+        return all((int(n), mode, kernel.dtype) in self._matrices for n in (h, w))
 
     def _matrix(self, n: int, mode: str, kernel: torch.Tensor) -> torch.Tensor:
         """``[n, n]`` matrix ``M`` with ``(x @ M)[j] = sum_t kernel[t] x[pad(j + t - r)]``: the 1-D
