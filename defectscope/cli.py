@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 DEMO_EPOCHS = 3
+# predict's default batch sizes, by measurement (benchmarks/predict_scale.py, results/predict.md).
+PREDICT_BATCH_CPU = 8
+PREDICT_BATCH_GPU = 32
 
 
 class UsageError(ValueError):
@@ -172,13 +175,16 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="defectscope", description=__doc__, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{train,test,predict,simplenet,distill-teacher}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,test,predict,export,simplenet,distill-teacher}")
     # Parsed by defectscope.cli_simplenet (main dispatches to it); listed here for --help.
     sub.add_parser("simplenet", add_help=False, help="SimpleNet, reference command form: simplenet [main options] "
                    "net [model options] dataset [data options] mvtec <data_path> <subdataset>...")
     # Parsed by defectscope.cli_distill.
     sub.add_parser("distill-teacher", add_help=False, help="distil an EfficientAD PDN teacher (S or M) from a "
                    "packaged backbone, offline: distill-teacher --model-size s --output teacher_s.pth")
+    from defectscope.cli_export import add_parser as add_export_parser
+
+    add_export_parser(sub, fmt)
 
     train = sub.add_parser("train", help="train (and test) a model; no arguments: the ELPV demo", formatter_class=fmt)
     _add_data_options(train)
@@ -193,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--layers", nargs="+", default=None, help="backbone layers; None: the backbone's own")
     m.add_argument("--weights", default=None, help="backbone weights file (.pth/.safetensors)")
     m.add_argument("--image-size", type=number(int, 32, note="the models' smallest image_size"), default=256,
-                   help="images are resized to this square size")
+                   nargs="+", metavar=("W", "H"),
+                   help="model input: one value, a square; two, width and height (images, or tiles with --tile, "
+                        "are resized to it)")
     m.add_argument("--perlin-threshold", type=number(float, 0, 1, high_open=True), default=0.2,
                    help="Perlin noise threshold for synthetic anomalies")
     m.add_argument("--noise-std", type=number(float, 0, low_open=True), default=None,
@@ -217,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compile", action="store_true",
                    help="torch.compile the trainable heads (needs a C++ compiler on CPU). On CPU SuperSimpleNet's "
                         "fused map head is already faster: no gain there (0.99-1.02x per step)")
+    m.add_argument("--roi", default=None, metavar="MASK",
+                   help="region-of-interest mask image for the whole data set (non-zero = inside; resized to the "
+                        "images with a notice): outside it the map is zero, the score ignores it and training adds "
+                        "no synthetic noise there; saved with the model, so test and predict apply it")
+    m.add_argument("--tile", type=number(int, 32), default=None, metavar="SIZE",
+                   help="split images larger than the model's input into tiles SIZE pixels high (as wide as the "
+                        "input's aspect ratio makes them) for training and inference; maps are stitched to the full "
+                        "image and the score is the stitched map's maximum. Saved with the model")
+    m.add_argument("--tile-overlap", type=number(int, 0), default=0, metavar="PX",
+                   help="pixels shared by neighbouring tiles (blended in the stitched map; under half of --tile)")
+    m.add_argument("--roi-dir", default=None, metavar="DIR",
+                   help="per-image ROI masks named like the images (same file stem), applied to maps and scores "
+                        "inside the --roi one; an image without one uses the --roi mask (said once)")
     _add_engine_options(train)
     _add_threshold_options(train)
     _add_generic_model_options(train)
@@ -233,18 +254,52 @@ def build_parser() -> argparse.ArgumentParser:
                       help="set the model's threshold again on this test set's scores (with --threshold-rule / "
                            "--max-false-reject) and save it; without it, test only reports")
 
-    predict = sub.add_parser("predict", help="score images: folder or files in, CSV and overlays out", formatter_class=fmt)
-    predict.add_argument("inputs", nargs="+", help="image files or folders")
-    predict.add_argument("--model-path", required=True, help="run folder (or its models/<n> folder)")
+    predict = sub.add_parser(
+        "predict", formatter_class=fmt, usage="defectscope predict MODEL IMAGES_OR_FOLDERS... [options]",
+        help="score images with a run folder or an exported model: CSV, regions, overlays and report.html out",
+        description="MODEL: a run folder (or its "
+                    "models/<n> folder), or an exported model (.onnx / .xml file, or its export folder). Writes to "
+                    "--output, as each batch is scored: predictions.csv (file, score, verdict, threshold, seconds, "
+                    "largest defect region's box x0,y0,x1,y1 in the image's pixels with x1/y1 exclusive, its area "
+                    "and peak), regions.json (every connected region at or above the pixel threshold), images/ "
+                    "(image | heat-map | predicted region), masks/ and maps/ on request, and report.html (one "
+                    "self-contained page). Unreadable files are skipped with the reason and the run goes on. "
+                    "Ground truth (adds image AUROC, F1-max, false-reject and escape rates to the report): an "
+                    "input folder with a good/ sub-folder read with --recursive (MVTec test layout: images under "
+                    "good/ are good, under its other sub-folders defective), or --labels CSV.",
+    )
+    predict.add_argument("inputs", nargs="+", metavar="PATH",
+                         help="the model, then image files or folders (with --model-path: images and folders only)")
+    predict.add_argument("--model-path", default=None,
+                         help="the model, as older scripts pass it; then every positional argument is an image or folder")
+    predict.add_argument("--recursive", action="store_true", help="also read the images in sub-folders of the folders")
     predict.add_argument("--category", default=None,
                          help="which model of a multi-category run (its categories are listed when it is missing)")
     predict.add_argument("--threshold", type=number(float), default=None,
                          help="verdict threshold for this run only (default: the model's saved one)")
-    predict.add_argument("--output", default="predictions", help="folder for predictions.csv and images/")
-    predict.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    predict.add_argument("--pixel-threshold", type=number(float), default=None,
+                         help="map level that marks defect regions for this run only (default: the model's saved "
+                              "one; a model saved without one uses the image threshold, with a notice)")
+    predict.add_argument("--output", default="predictions", help="folder for predictions.csv, regions.json, report.html, "
+                                                                 "images/, masks/, maps/")
+    predict.add_argument("--batch-size", type=number(int, 1), default=None,
+                         help=f"images per batch; None: {PREDICT_BATCH_CPU} on CPU, {PREDICT_BATCH_GPU} on a GPU "
+                              "(measured: benchmarks/results/predict.md)")
     predict.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     predict.add_argument("--no-progress", action="store_true", help="no progress bars")
-    predict.add_argument("--no-images", action="store_true", help="do not write heat-map overlays")
+    predict.add_argument("--no-images", action="store_true", help="do not write images/ overlays")
+    predict.add_argument("--save-masks", action="store_true",
+                         help="write masks/: the predicted defect regions as 0/255 PNG at each image's size")
+    predict.add_argument("--save-maps", choices=["npy", "png16"], default=None,
+                         help="write maps/: raw maps at each image's size, float32 .npy or 16-bit PNG (its value "
+                              "range in the PNG text fields defectscope_min / defectscope_max)")
+    predict.add_argument("--labels", default=None, metavar="CSV",
+                         help="ground truth: a CSV with columns file,label (label 0/1, good/defect or ok/ng; files "
+                              "matched by path, else by name); without it, a folder with a good/ sub-folder read "
+                              "with --recursive gives the labels")
+    predict.add_argument("--no-report", action="store_true", help="do not write report.html")
+    predict.add_argument("--report-images", type=number(int, 0), default=40,
+                         help="thumbnails in report.html: half the highest scores, half the lowest")
     _add_image_options(predict.add_argument_group("images"), wide_range_default=None)
     return parser
 
@@ -503,11 +558,47 @@ def _check_test_images(model, split) -> None:
             raise DataError(f"Test set of {split.name!r} (checked before training): {err}") from err
 
 
+def _image_size_option(values, model: str):
+    """``--image-size S`` -> S; ``--image-size W H`` -> (H, W), the models' (height, width)."""
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if len(values) == 1:
+        return values[0]
+    if len(values) != 2:
+        raise UsageError(f"--image-size takes one value (a square) or two (width height), got {len(values)}.")
+    width, height = values
+    if width == height:
+        return width
+    from defectscope.models import model_key
+
+    if model_key(model) == "simplenet":
+        raise UsageError("simplenet takes a square --image-size (it centre-crops a square). Fix: pass one value.")
+    return (height, width)
+
+
+def _check_tile_options(args) -> None:
+    if args.tile is None:
+        if args.tile_overlap:
+            raise UsageError("--tile-overlap needs --tile SIZE. Fix: add --tile, or leave out --tile-overlap.")
+        return
+    if args.tile_overlap * 2 >= args.tile:
+        raise UsageError(f"--tile-overlap {args.tile_overlap} must be under half of --tile {args.tile}. Fix: a smaller "
+                         "overlap (an eighth of the tile is plenty for blending).")
+    if args.roi is not None or args.roi_dir is not None:
+        raise UsageError("--tile with --roi / --roi-dir is not supported yet (a ROI is kept at the model's input size, "
+                         "not the full image's). Fix: leave out one of them.")
+    from defectscope.models import model_key
+
+    if model_key(args.model) == "simplenet":
+        raise UsageError("--tile is not supported for simplenet yet. Fix: use supersimplenet, stfpm or efficientad.")
+
+
 def cmd_train(args) -> int:
     import torch
 
     from defectscope.models import create_model, model_key
 
+    args.image_size = _image_size_option(args.image_size, args.model)
+    _check_tile_options(args)
     if model_key(args.model) == "simplenet":
         from defectscope.cli_simplenet import train_from_args
 
@@ -552,6 +643,14 @@ def cmd_train(args) -> int:
         run_dir = engine.run_dir
         models[str(index)] = category
         print(f"[{category}] {summarise(split)}")
+        if args.roi is not None or args.roi_dir is not None:
+            from defectscope.data.roi import configure_roi
+
+            engine.image_rois = configure_roi(model, args.roi, args.roi_dir, split.train)  # an Engine argument
+        if args.tile is not None:
+            from defectscope.data.tiling import Tiler
+
+            engine.tiler = Tiler(args.tile, args.tile_overlap, batch_size=engine.batch_size)
         engine.fit(model, split.train, regime=args.regime)
         if engine.fabric.is_global_zero:
             write_run_file(run_dir, settings, models, model.name)
@@ -645,29 +744,158 @@ def cmd_test(args) -> int:
     return 0
 
 
+EXPORTED_SUFFIXES = (".onnx", ".xml")
+
+
+def _model_kind(path: Path) -> str | None:
+    """``"run"`` (a run folder, models/<n> folder or a file in one), ``"exported"`` (an .onnx /
+    .xml file or a folder holding one) or None: not a model."""
+    if path.is_file():
+        if path.suffix.lower() in EXPORTED_SUFFIXES:
+            return "exported"
+        if path.name in ("ckpt.pth", "params.json"):
+            return "run"
+        if path.suffix.lower() == ".json" and any(path.with_suffix(s).is_file() for s in EXPORTED_SUFFIXES):
+            return "exported"
+        return None
+    if not path.is_dir():
+        return None
+    if (path / "params.json").is_file() or (path / "ckpt.pth").is_file() or (path / "models").is_dir():
+        return "run"
+    if any(p.suffix.lower() in EXPORTED_SUFFIXES for p in path.iterdir() if p.is_file()):
+        return "exported"
+    return None
+
+
+def _predict_model_and_inputs(args) -> tuple[Path, list[str], str]:
+    """The model, the image inputs and the model's kind, from ``MODEL IMAGES...`` or the older
+    ``IMAGES... --model-path MODEL``; a first argument that is not a model is refused clearly."""
+    inputs = list(args.inputs)
+    model = args.model_path
+    if model is None:
+        if len(inputs) < 2:
+            raise UsageError("predict needs the model and at least one image or folder: defectscope predict "
+                             "<run folder or exported model> <images or folders>... (see `defectscope predict --help`)")
+        model, inputs = inputs[0], inputs[1:]
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"No model at '{path}': the path does not exist. The first argument of predict is "
+                                "the model: a run folder such as results/<project>/<group>/<run_name> (written by "
+                                "`defectscope train`), its models/<n> folder, or an exported .onnx / .xml file.")
+    kind = _model_kind(path)
+    if kind is None:
+        from defectscope.data import IMAGE_EXTENSIONS
+
+        looks = ""
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            looks = " (it is an image file)"
+        elif path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()):
+            looks = " (it is a folder of images)"
+        raise UsageError(
+            f"'{path}' is not a model{looks}: predict takes the model first, then the images. Expected a run folder "
+            "(holding models/<n>/params.json, written by `defectscope train`), its models/<n> folder, or an "
+            "exported model (.onnx / .xml file, or the folder `defectscope export` wrote). Fix: defectscope predict "
+            "<model> <images or folders>..., or pass the model with --model-path."
+        )
+    from defectscope.deploy.outputs import image_files
+
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            continue
+        if not args.recursive and _only_sub_folders(item):
+            raise UsageError(f"'{item}' holds no images, only sub-folders. Fix: add --recursive to read them "
+                             "(a folder with good/ and defect sub-folders then also gives the ground truth).")
+        if next(iter(image_files([item], recursive=args.recursive)), None) is None:  # lazy: stops at the first
+            raise UsageError(f"No images in the folder '{item}'. Fix: point predict at a folder that holds image "
+                             "files (png, jpg, bmp, tif, ...), or at the files themselves.")
+    return path, inputs, kind
+
+
+def _only_sub_folders(folder: Path) -> bool:
+    from defectscope.deploy.outputs import IMAGE_EXTENSIONS
+
+    has_folder = False
+    for entry in folder.iterdir():
+        if entry.suffix.lower() in IMAGE_EXTENSIONS and not entry.is_dir():
+            return False
+        has_folder = has_folder or entry.is_dir()
+    return has_folder
+
+
+def _predict_batch_size(args) -> int:
+    if args.batch_size:
+        return args.batch_size
+    if args.accelerator in ("gpu", "cuda") or args.accelerator == "auto" and _cuda_available():
+        return PREDICT_BATCH_GPU
+    return PREDICT_BATCH_CPU
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def cmd_predict(args) -> int:
-    from defectscope.data import list_images
-    from defectscope.engine import Engine
-    from defectscope.models import load_model
+    from defectscope.deploy.outputs import PredictionWriter, image_files, labels_from_csv, labels_from_layout
 
-    paths = []
-    for item in args.inputs:
-        paths.extend(list_images(item) if Path(item).is_dir() else [Path(item)])
-    model = load_model(args.model_path, category=args.category)
-    if args.wide_range is None and model.data_info.get("wide_range"):
-        from defectscope.data import images
+    model_path, inputs, kind = _predict_model_and_inputs(args)
+    files = image_files(inputs, recursive=args.recursive)
+    label_for = labels_from_csv(args.labels) if args.labels else labels_from_layout(inputs) if args.recursive else None
+    options = dict(save_images=not args.no_images, save_masks=args.save_masks, save_maps=args.save_maps,
+                   report=not args.no_report, report_images=args.report_images, label_for=label_for,
+                   model_source=str(model_path))
+    if kind == "exported":
+        inferencer = _load_inferencer(model_path)
+        threshold = float(inferencer.threshold) if args.threshold is None else args.threshold
+        pixel = args.pixel_threshold if args.pixel_threshold is not None else getattr(inferencer, "pixel_threshold", None)
+        writer = PredictionWriter(args.output, threshold, pixel, model_name=str(getattr(inferencer, "model_name", "")),
+                                  **options)
+        from defectscope.deploy.outputs import predict_files
 
-        images.WIDE_RANGE = model.data_info["wide_range"]  # read new images as the training images were
-    engine = Engine(results_path=args.output, batch_size=args.batch_size, accelerator=args.accelerator,
-                    progress=not args.no_progress, max_epochs=1)
-    results = engine.predict(model, paths, output_dir=args.output, save_images=not args.no_images,
-                             threshold=args.threshold)
-    threshold = results[0]["threshold"] if results else float(model.threshold)
+        try:
+            predict_files(inferencer, files, writer, batch_size=args.batch_size or PREDICT_BATCH_CPU)
+        finally:
+            summary = writer.close()
+    else:
+        from defectscope.engine import Engine
+        from defectscope.models import load_model
+
+        model = load_model(model_path, category=args.category)
+        if args.wide_range is None and model.data_info.get("wide_range"):
+            from defectscope.data import images
+
+            images.WIDE_RANGE = model.data_info["wide_range"]  # read new images as the training images were
+        threshold = float(model.threshold) if args.threshold is None else args.threshold
+        pixel = args.pixel_threshold if args.pixel_threshold is not None else getattr(model, "pixel_threshold", None)
+        engine = Engine(results_path=args.output, batch_size=_predict_batch_size(args), accelerator=args.accelerator,
+                        progress=not args.no_progress, max_epochs=1)
+        writer = PredictionWriter(args.output, threshold, pixel, model_name=model.name,
+                                  map_range=(0.0, 1.0) if model.post_processor else None, **options)
+        try:
+            engine.predict(model, files, threshold=threshold, pixel_threshold=pixel, writer=writer,
+                           return_results=False)
+        finally:
+            summary = writer.close()
     source = "given with --threshold" if args.threshold is not None else "the model's"
-    n_defect = sum(r["is_defect"] for r in results)
-    print(f"{len(results)} images scored, {n_defect} at or above the threshold {threshold:.4g} ({source}); "
-          f"wrote {Path(args.output) / 'predictions.csv'}")
+    wrote = ", ".join(str(p) for p in (summary["csv"], summary["regions"], summary["report"]) if p)
+    print(f"{summary['n_scored']} images scored, {summary['n_defect']} at or above the threshold "
+          f"{summary['threshold']:.4g} ({source}), {summary['n_skipped']} skipped; wrote {wrote}")
+    metrics = summary["metrics"]
+    if metrics is not None:
+        print(f"ground truth for {metrics['n_labelled']} images: image AUROC {metrics['image_auroc']:.4f}, "
+              f"false-reject rate {metrics['false_reject_rate']:.2%}, escape rate {metrics['escape_rate']:.2%}")
     return 0
+
+
+def _load_inferencer(path: Path):
+    """The torch-free inferencer of an exported model (defectscope.deploy.inferencer)."""
+    try:
+        from defectscope.deploy.inferencer import load_inferencer
+    except ImportError as err:
+        raise UsageError(f"'{path}' is an exported model, but this defectscope cannot run exported models yet "
+                         f"({err}). Fix: predict with the run folder it was exported from.") from None
+    return load_inferencer(path)
 
 
 def _closest_options(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> str:
@@ -687,7 +915,7 @@ def _closest_options(parser: argparse.ArgumentParser, command: str | None, extra
     return f" (did you mean: {', '.join(hints)}? See `defectscope {command} --help`)" if hints else ""
 
 
-COMMANDS = ("train", "test", "predict", "simplenet", "distill-teacher")
+COMMANDS = ("train", "test", "predict", "export", "simplenet", "distill-teacher")
 # Exceptions that mean "this input cannot work" (exit status 2): UsageError, DataError and the weights
 # errors are ValueError / FileNotFoundError subclasses; a path of the wrong kind or without permission too.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -862,7 +1090,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         check_args(args)
-        handlers = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict}
+        from defectscope.cli_export import cmd_export
+
+        handlers = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}
         with notices_printed(), image_settings(getattr(args, "wide_range", None), getattr(args, "max_pixels", None)):
             return handlers[args.command](args)
     except (Exception, KeyboardInterrupt) as err:

@@ -84,8 +84,10 @@ def _add_model_options(p) -> None:
     _add(p, "gan_epochs", type=_POSITIVE_INT, default=1, help="discriminator epochs per meta-epoch")
     _add(p, "dsc_layers", type=_POSITIVE_INT, default=2, help="discriminator layers")
     _add(p, "dsc_hidden", type=_POSITIVE_INT, default=None, help="discriminator width (None: shrinking by 1.5)")
-    _add(p, "noise_std", type=_POSITIVE, default=0.05, help="feature noise std, in units of each channel's std (the reference's 0.05; 1.0 works better "
-         "with the packaged backbones, see benchmarks/results/simplenet.md)")
+    _add(p, "noise_std", type=_POSITIVE, default=None,
+         help="feature noise std. Default: 1.0, in units of each channel's feature std (features standardised); "
+              "with --absolute_noise, the reference's 0.05 in absolute feature units. The reference's 0.05 in "
+              "feature-std units is too little noise (benchmarks/results/simplenet.md)")
     _add(p, "dsc_margin", type=_NON_NEGATIVE, default=0.8, help="truncated-L1 margin")
     _add(p, "dsc_lr", type=_POSITIVE, default=0.0002, help="discriminator learning rate")
     _add(p, "auto_noise", type=_NON_NEGATIVE, default=0, help="> 0: noise std = this x the batch's feature std")
@@ -96,7 +98,8 @@ def _add_model_options(p) -> None:
     _add(p, "mix_noise", type=_POSITIVE_INT, default=1, help="noise levels noise_std * 1.1**k")
     _add(p, "weights", default=None, help="backbone weights file, e.g. wide_resnet50_2-95faca4d.pth (defectscope addition)")
     _add(p, "absolute_noise", action="store_true",
-         help="noise_std in absolute feature units, as the reference (defectscope addition)")
+         help="noise_std in absolute feature units (features not standardised), default 0.05, as the reference "
+              "(defectscope addition)")
 
 
 def _add_augment_options(p) -> None:
@@ -284,7 +287,7 @@ def mvtec_splits(data: argparse.Namespace) -> list[tuple[str, object]]:
 
 def run(kwargs: dict, splits: list, engine_options: dict, *, seed: int = 0, test_only: bool = False,
         evaluate: bool = True, save_images: bool = False, max_images: int | None = None,
-        data: dict | None = None) -> list[dict]:
+        data: dict | None = None, roi: str | None = None, roi_dir: str | None = None) -> list[dict]:
     """Train (or with ``test_only`` load) one SimpleNet per split, test it, print the results.
     ``data``: the data settings recorded in run.json and with each model (see cli.data_settings)."""
     import torch
@@ -314,6 +317,10 @@ def run(kwargs: dict, splits: list, engine_options: dict, *, seed: int = 0, test
             except FileNotFoundError as err:
                 raise UsageError(f"--test: {err}") from None
         else:
+            if roi is not None or roi_dir is not None:  # train --roi / --roi-dir (data/roi.py)
+                from defectscope.data.roi import configure_roi
+
+                engine.image_rois = configure_roi(model, roi, roi_dir, split.train)
             engine.fit(model, split.train)
             models[str(index)] = category
             if engine.fabric.is_global_zero:
@@ -405,5 +412,6 @@ def train_from_args(args) -> int:
     from defectscope.cli import data_settings
 
     run(kwargs, _splits(args), engine_options, seed=args.seed, evaluate=not args.no_test,
-        save_images=not args.no_images, max_images=args.max_images or None, data=data_settings(args))
+        save_images=not args.no_images, max_images=args.max_images or None, data=data_settings(args),
+        roi=getattr(args, "roi", None), roi_dir=getattr(args, "roi_dir", None))
     return 0

@@ -137,13 +137,13 @@ def test_predict_command_scores_a_folder(trained, tmp_path):
     assert code == 0
     rows = read_csv(out / "predictions.csv")
     images = list_images(folder)
-    assert [r["path"] for r in rows] == [str(p) for p in images]
+    assert [r["file"] for r in rows] == [str(p) for p in images]
     model = load_model(trained["run_dir"])
     for row, path in zip(rows, images):
         score, _ = model.predict(path)
         # Batched vs single-image float32 arithmetic: equal to rounding.
         assert float(row["score"]) == pytest.approx(score, abs=1e-5)
-        assert row["is_defect"] == str(float(row["score"]) >= float(model.threshold))
+        assert row["verdict"] == ("defect" if float(row["score"]) >= float(model.threshold) else "good")
     assert len(list((out / "images").glob("*.png"))) == len(images)
 
 
@@ -294,7 +294,7 @@ def test_predict_threshold_overrides_for_one_run_only(trained, tmp_path):
     assert run_cli(["predict", folder, "--model-path", trained["run_dir"], "--output", out, "--threshold", "-1",
                     "--no-images", *FAST]) == 0
     rows = read_csv(out / "predictions.csv")
-    assert rows and all(r["is_defect"] == "True" and float(r["threshold"]) == -1.0 for r in rows)
+    assert rows and all(r["verdict"] == "defect" and float(r["threshold"]) == -1.0 for r in rows)
     assert (trained["run_dir"] / "models" / "0" / "params.json").read_bytes() == before
 
 

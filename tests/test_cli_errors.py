@@ -150,7 +150,7 @@ def test_more_devices_than_gpus(capsys, monkeypatch):
     pytest.param(["train", "--frobnicate"], ["unrecognized arguments: --frobnicate", "defectscope train --help"],
                  id="train=unknown-option"),
     pytest.param(["test"], ["required", "--model-path"], id="test=missing-model-path"),
-    pytest.param(["predict", "--model-path", "m"], ["required", "inputs"], id="predict=missing-inputs"),
+    pytest.param(["predict", "--model-path", "m"], ["required", "PATH"], id="predict=missing-inputs"),
     pytest.param(["train", "--epochs"], ["--epochs", "expected one argument"], id="train=option-without-value"),
     pytest.param(["train", "--image-score", "best"], ["invalid choice", "best"], id="train=bad-choice"),
 ])

@@ -122,11 +122,20 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         index = range(len(self.samples))[index]  # negative indices -> their position; IndexError past the end
         sample = self.samples[index]
-        image = load_image(sample.path, wide_range=self.wide_range, max_pixels=self.max_pixels)
+        box = getattr(sample, "box", None)  # a tile of a larger image (data/tiling.py TiledSample)
+        if box is None:
+            image = load_image(sample.path, wide_range=self.wide_range, max_pixels=self.max_pixels)
+        else:
+            from .tiling import load_cached
+
+            image = load_cached(sample.path, wide_range=self.wide_range, max_pixels=self.max_pixels)
         if sample.label == 1 and sample.mask_path is not None:
-            mask = self._mask_tensor(load_mask(sample.mask_path, image.size, max_pixels=self.max_pixels))
+            mask = load_mask(sample.mask_path, image.size, max_pixels=self.max_pixels)
+            mask = self._mask_tensor(mask if box is None else mask[box[1] : box[3], box[0] : box[2]])
         else:
             mask = torch.zeros((1, *self.image_size), dtype=torch.float32)
+        if box is not None:
+            image = image.crop(box)
         return {
             "image": self._image_tensor(image),
             "mask": mask,

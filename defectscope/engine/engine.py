@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from defectscope.data import AnomalyDataset, DataError, Sample, describe_regime, hold_out_validation, resolve_regime
+from defectscope.data.tiling import Tiler
 from defectscope.engine.feature_cache import extract_features
 from defectscope.engine.progress import progress_bar
 from defectscope.engine.visualize import save_overlay
@@ -116,7 +117,14 @@ class Engine:
         threshold_rule: str = "false_reject",
         max_false_reject: float = 0.01,
         data_info: dict | None = None,
+        tiler: Tiler | None = None,
+        image_rois=None,
     ) -> None:
+        """``tiler`` (:class:`defectscope.data.tiling.Tiler`): train on the tiles of large images
+        and score them tiled (a model trained so keeps its tiling and is scored tiled anyway).
+        ``image_rois`` (:class:`defectscope.data.roi.RoiSet`): per-image regions of interest
+        applied to maps and scores after the forward in ``test``; the data set's ROI lives in
+        the model (``model.set_roi``)."""
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -143,6 +151,8 @@ class Engine:
         self.resume = resume
         self.on_epoch_end = on_epoch_end
         self.compile_heads = compile_heads
+        self.tiler = tiler
+        self.image_rois = image_rois
         self.fabric = L.Fabric(
             accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, num_nodes=num_nodes
         )
@@ -216,7 +226,11 @@ class Engine:
             raise DataError(f"Only {len(samples)} training image(s) left; training needs at least 2. Fix: add good images.")
         self._print(describe_regime(samples, regime)
                     + (f"; {len(validation)} held out to set the threshold" if validation else ""))
-        dataset = AnomalyDataset(samples, image_size=model.image_size, mean=model.mean, std=model.std)
+        tiler = self.tiler  # --tile: train on the tiles of large images (data/tiling.py)
+        if tiler is not None:
+            model.tiling_info = tiler.info()
+        dataset = AnomalyDataset(samples if tiler is None else tiler.training_tiles(samples, model.image_size),
+                                 image_size=model.image_size, mean=model.mean, std=model.std)
         labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.float32)
         # Good images have a known (empty) mask; defects only when a mask file exists.
         mask_known = torch.tensor([s.label == 0 or s.mask_path is not None for s in dataset.samples])
@@ -560,6 +574,10 @@ class Engine:
         sampler); the results are gathered to every process and put back in dataset order.
         """
         fabric = self.fabric
+        tiler = self.tiler or Tiler.from_model(model)
+        if tiler is not None:  # large images: tiles in, stitched full-resolution maps out (data/tiling.py)
+            with progress_bar(description, total=len(dataset), enabled=self.progress and fabric.is_global_zero) as advance:
+                return tiler.score(model, dataset, pixel, progress=advance)
         distributed = fabric.world_size > 1
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
         if distributed:
@@ -571,7 +589,7 @@ class Engine:
         with progress_bar(description, total=total, enabled=self.progress and fabric.is_global_zero) as advance:
             for batch in loader:
                 batch_maps, batch_scores = model(batch["image"].to(fabric.device))
-                rois = getattr(self, "image_rois", None)  # per-image ROIs (data/roi.py RoiSet), after the forward
+                rois = self.image_rois  # per-image ROIs (data/roi.py RoiSet), after the forward
                 if rois is not None:
                     roi = rois.batch(batch["path"], tuple(batch_maps.shape[-2:])).to(batch_maps.device)
                     batch_maps, batch_scores = model.apply_roi(batch_maps, batch_scores, roi=roi)
@@ -704,8 +722,11 @@ class Engine:
         if not fabric.is_global_zero:
             writer = None
         model.to(fabric.device).eval()
-        reader = _PredictReader(model)
+        tiler = self.tiler or Tiler.from_model(model)
+        reader = _PredictReader(model, need_tensor=tiler is None)
         distributed = fabric.world_size > 1
+        if tiler is not None and distributed:
+            raise DataError("Tiled prediction (a model trained with --tile) runs in one process. Fix: --devices 1.")
         if distributed:
             paths = [Path(p) for p in paths]  # every process needs the same batches
             if not paths:
@@ -726,7 +747,11 @@ class Engine:
                     started = time.perf_counter()
                     ok = [item for item in items if item["image"] is not None]
                     scores = maps = batch = batch_maps = None
-                    if ok:
+                    if ok and tiler is not None:  # each image in tiles, its map stitched at its own size
+                        tiled = [tiler.predict(model, item["image"]) for item in ok]
+                        scores = np.asarray([t[0] for t in tiled], dtype=np.float32)
+                        maps = [t[1] for t in tiled]
+                    elif ok:
                         batch = torch.stack([item["image"] for item in ok]).to(fabric.device)
                         batch_maps, batch_scores = model(batch)
                         maps = batch_maps[:, 0].float().cpu().numpy()
@@ -827,7 +852,8 @@ class _PredictReader:
     model's normalised input, or the reason it cannot be read. Same pre-processing as
     training and ``test`` (AnomalyDataset)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, need_tensor: bool = True) -> None:
+        self.need_tensor = need_tensor  # False: the RGB picture only (tiled prediction cuts its own inputs)
         self.image_size = tuple(model.image_size)
         self.dataset = AnomalyDataset([Sample(path=Path("."), label=0)], image_size=model.image_size,
                                       mean=model.mean, std=model.std)
@@ -843,7 +869,8 @@ class _PredictReader:
             picture = load_image(path)
             item["rgb"] = np.asarray(picture)
             if need_tensor:
-                item["image"] = self.dataset._image_tensor(picture)
+                # The model's input; for tiled prediction the picture itself (the tiler cuts the inputs).
+                item["image"] = self.dataset._image_tensor(picture) if self.need_tensor else item["rgb"]
         except DataError as err:
             item["reason"] = str(err)
         except Exception as err:  # noqa: BLE001 (a file the decoder chokes on is skipped, not fatal)

@@ -37,13 +37,15 @@ def cache_key(model, dataset) -> str:
                 "image_size": list(model.image_size),
                 "mean": list(model.mean),
                 "std": list(model.std),
+                "roi": getattr(model, "roi_info", None) or None,
             },
             sort_keys=True,
         ).encode()
     )
     for sample in dataset.samples:
         stat = Path(sample.path).stat()
-        h.update(f"{sample.path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        box = getattr(sample, "box", None)  # a tile (data/tiling.py)
+        h.update(f"{sample.path}|{stat.st_size}|{stat.st_mtime_ns}{f'|{box}' if box else ''}\n".encode())
     return h.hexdigest()[:24]
 
 

@@ -9,6 +9,7 @@ weights are resolved again on load and checked against a fingerprint).
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,15 @@ def _describe_models(held: list[tuple[Path, str | None]]) -> str:
     return ", ".join(f"models/{folder.name} ({cat or 'category not recorded'})" for folder, cat in held)
 
 
+def _is_whole_image(image) -> bool:
+    """A path, PIL image or ``HxWx3`` uint8 array (what tiled prediction takes)."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path, Image.Image)):
+        return True
+    return isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+
+
 class AnomalyModel(nn.Module):
     """Base class: frozen backbone, pre-processing record, fitted threshold, predict, save/load."""
 
@@ -173,9 +183,14 @@ class AnomalyModel(nn.Module):
         # ``threshold_info`` says where it came from; empty while the model is untrained.
         self.register_buffer("threshold", torch.tensor(0.5))
         # Region of interest at image_size, 1 inside (all ones: none set). Saved in ckpt.pth;
-        # ``roi_info`` (params.json) says whether one is set and where it came from. See set_roi.
+        # ``roi_info`` (params.json) says whether one is set and where it came from; only then is
+        # it applied (see set_roi). float32: a buffer alone in its dtype (uint8) breaks DDP's
+        # buffer broadcast, which copies a one-tensor bucket onto itself.
         self.register_buffer("roi", torch.ones(1, 1, *size))
         self.roi_info: dict[str, Any] = {}
+        # Tiling of large images the model was trained with ({"tile", "overlap"}; data/tiling.py),
+        # applied again when it scores images (empty: images are resized whole to image_size).
+        self.tiling_info: dict[str, Any] = {}
         self.threshold_info: dict[str, Any] = {}
         # Map level that marks defect regions (predict's regions and masks), set by the same rule
         # on the held-out images' largest map values; None for a model saved before it existed.
@@ -228,6 +243,11 @@ class AnomalyModel(nn.Module):
         a batch tensor -> scores ``[B]`` and maps ``[B,H,W]``. Compare the score with
         ``model.threshold`` for a good/defect verdict.
         """
+        if self.tiling_info and _is_whole_image(image):
+            # A model trained on tiles scores an image by its tiles, stitched (data/tiling.py).
+            from defectscope.data.tiling import Tiler
+
+            return Tiler.from_model(self).predict(self, image)
         was_training = self.training
         self.eval()
         try:
@@ -254,9 +274,10 @@ class AnomalyModel(nn.Module):
         (h, w) of the data's images: a mask of another size is resized with a notice. Set it
         before training (the threshold is fitted on ROI-masked scores); it is saved with the model.
 
-        With a ROI every model's image score is the maximum of its map inside the ROI (for
-        SuperSimpleNet too: its classification head pools the whole feature map, so it cannot
-        ignore a region; see ``roi_score_note``)."""
+        The networks never see the image outside the ROI (:meth:`roi_images` sets it to the mean
+        colour, in training and inference), so nothing there moves a score, not even through a
+        backbone's receptive field. A score that is a map's maximum becomes the maximum inside
+        the ROI; SuperSimpleNet's classifier score (``image_score`` classifier / mean) is kept."""
         from defectscope.data.roi import read_roi, resize_roi
 
         if roi is None:
@@ -270,8 +291,6 @@ class AnomalyModel(nn.Module):
             roi = read_roi(roi)
         tensor = resize_roi(roi, self.image_size, name=name, expected=image_size)
         self.roi.copy_(tensor.to(self.roi))
-        import hashlib
-
         digest = hashlib.sha256(tensor.to(torch.uint8).numpy().tobytes()).hexdigest()[:16]
         self.roi_info = {"set": True, "source": source or "array", "coverage": round(float(tensor.mean()), 6),
                          "digest": digest}
@@ -286,12 +305,12 @@ class AnomalyModel(nn.Module):
         ``[1, 1, h, w]`` with 1 where at least half a cell is inside; None when no ROI is set."""
         if not self.has_roi:
             return None
-        roi = self.roi if roi is None else roi
+        roi = (self.roi if roi is None else roi).float()
         share = F.interpolate(roi, size=(height, width), mode="area")
         grid = share >= 0.5
         if not bool(grid.any()):  # a ROI thinner than half a cell: every cell it touches
             grid = share > 0
-        return grid.to(roi.dtype)
+        return grid.float()
 
     def roi_images(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images ``[B,3,H,W]`` with everything outside the ROI set to 0 (the mean
@@ -305,12 +324,18 @@ class AnomalyModel(nn.Module):
             roi = F.interpolate(roi, size=tuple(images.shape[-2:]), mode="nearest-exact")
         return images * roi
 
-    def apply_roi(self, maps: torch.Tensor, scores: torch.Tensor,
-                  roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply_roi(self, maps: torch.Tensor, scores: torch.Tensor, roi: torch.Tensor | None = None,
+                  score_from_map: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The last step of every model's forward: maps ``[B,1,H,W]`` are zeroed outside the ROI
-        and the image score becomes the map's maximum inside it. ``roi`` (``[B or 1,1,h,w]``, e.g.
-        per-image masks applied after the forward) replaces the model's own; without either,
-        maps and scores pass unchanged. No data-dependent control flow (traceable)."""
+        and (``score_from_map``) the image score becomes the map's maximum inside it. ``roi``
+        (``[B or 1,1,h,w]``, e.g. per-image masks applied after the forward) replaces the model's
+        own; without either, maps and scores pass unchanged. No data-dependent control flow
+        (traceable).
+
+        ``score_from_map=False`` keeps a score that does not come from the map (SuperSimpleNet's
+        classification head, or its mean with the map maximum): with the model's own ROI the
+        networks never see the image outside it (:meth:`roi_images`), so that score already
+        ignores the outside."""
         if roi is None:
             if not self.has_roi:
                 return maps, scores
@@ -318,9 +343,9 @@ class AnomalyModel(nn.Module):
         roi = roi.to(device=maps.device, dtype=maps.dtype)
         if tuple(roi.shape[-2:]) != tuple(maps.shape[-2:]):
             roi = F.interpolate(roi, size=tuple(maps.shape[-2:]), mode="nearest-exact")
-        inside = roi > 0.5
-        low = torch.tensor(torch.finfo(maps.dtype).min, dtype=maps.dtype, device=maps.device)
-        scores = torch.where(inside, maps, low).amax(dim=(1, 2, 3))
+        if score_from_map:
+            low = torch.tensor(torch.finfo(maps.dtype).min, dtype=maps.dtype, device=maps.device)
+            scores = torch.where(roi > 0.5, maps, low).amax(dim=(1, 2, 3))
         return maps * roi, scores
 
     # ---- saving and loading -----------------------------------------------------------
@@ -341,6 +366,7 @@ class AnomalyModel(nn.Module):
             "threshold": float(self.threshold),
             "threshold_info": dict(self.threshold_info),
             "roi": dict(self.roi_info) or None,
+            "tiling": dict(self.tiling_info) or None,
             "pixel_threshold": self.pixel_threshold,
             "pixel_threshold_info": dict(self.pixel_threshold_info),
             "data": dict(self.data_info),
@@ -431,8 +457,7 @@ class AnomalyModel(nn.Module):
         self.pixel_threshold = float(pixel) if pixel is not None else None
         self.pixel_threshold_info = dict(params.get("pixel_threshold_info") or {})
         self.roi_info = dict(params.get("roi") or {})
-        if not self.roi_info:
-            self.roi.fill_(1.0)
+        self.tiling_info = dict(params.get("tiling") or {})
         self.data_info = dict(params.get("data") or {})
         self.training_info = dict(params.get("training") or {})
         for key in ("epochs", "seed", "train_size", "regime"):  # format 1 kept these at the top level

@@ -292,6 +292,7 @@ class SuperSimpleNet(AnomalyModel):
 
         Deterministic for a given image, so the engine may cache its output.
         """
+        images = self.roi_images(images)
         maps = list(self.feature_extractor(images.contiguous(memory_format=torch.channels_last)).values())
         h, w = maps[0].shape[-2:]
         size = (h * self.upscale_factor, w * self.upscale_factor)
@@ -349,6 +350,9 @@ class SuperSimpleNet(AnomalyModel):
         masks, labels, known = masks.repeat(2, 1, 1, 1), labels.repeat(2), known.repeat(2)
         # Synthetic anomalies never overlap real ones.
         noise_mask = (1 - masks) * perlin_masks(2 * b, h, w, self.perlin_threshold, device=adapted.device)
+        roi = self.roi_grid(h, w)
+        if roi is not None:  # no synthetic anomalies outside the region of interest
+            noise_mask = noise_mask * roi.to(noise_mask)
         # The noise exists only inside the masks: channel vectors noise_rows [K,C] at the
         # positions noise_index of the duplicated batch (batch, row, column order).
         noise_index = noise_mask.reshape(-1).nonzero().squeeze(1)
@@ -493,8 +497,8 @@ class SuperSimpleNet(AnomalyModel):
         both in [0, 1] (sigmoid of the logits) when ``post_processor`` is on."""
         map_logits, score_logits = self.forward_features(self.extract_features(images), images.shape[-2:])
         if self.post_processor:
-            return map_logits.sigmoid(), score_logits.sigmoid()
-        return map_logits, score_logits
+            return self.apply_roi(map_logits.sigmoid(), score_logits.sigmoid(), score_from_map=self.scores_by_map)
+        return self.apply_roi(map_logits, score_logits, score_from_map=self.scores_by_map)
 
 
 def truncated_l1(pred: torch.Tensor, target: torch.Tensor, margin: float = 0.5) -> torch.Tensor:

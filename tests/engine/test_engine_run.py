@@ -126,10 +126,10 @@ def test_predict_in_input_order_and_csv(reference_run, splits, tmp_path):
         assert result["is_defect"] == (result["score"] >= threshold)
     with open(out / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    assert [r["file"] for r in rows] == [str(p) for p in paths]
     for row, result in zip(rows, results):
         assert float(row["score"]) == pytest.approx(result["score"], rel=1e-6)
-        assert row["is_defect"] == str(result["is_defect"])
+        assert row["verdict"] == ("defect" if result["is_defect"] else "good")
     assert len(list((out / "images").glob("*.png"))) == len(paths)
     with pytest.raises(DataError):
         engine.predict(model, [])
