@@ -51,7 +51,7 @@ def test_every_seed_option_is_accepted_with_the_reference_default():
                                 "proj_layer_type", "mix_noise")} == dict(
         backbone_names=None, layers_to_extract_from=None, pretrain_embed_dimension=1024,
         target_embed_dimension=1024, patchsize=3, embedding_size=1024, meta_epochs=1, aed_meta_epochs=1,
-        gan_epochs=1, dsc_layers=2, dsc_hidden=None, noise_std=0.05, dsc_margin=0.8, dsc_lr=0.0002, auto_noise=0,
+        gan_epochs=1, dsc_layers=2, dsc_hidden=None, noise_std=None, dsc_margin=0.8, dsc_lr=0.0002, auto_noise=0,
         train_backbone=False, cos_lr=False, pre_proj=0, proj_layer_type=0, mix_noise=1)
     assert {k: data[k] for k in ("name", "data_path", "subdataset", "batch_size", "resize", "imagesize",
                                  "num_workers", "rotate_degrees", "translate", "scale", "brightness", "contrast",
@@ -59,6 +59,30 @@ def test_every_seed_option_is_accepted_with_the_reference_default():
         name="mvtec", data_path="data", subdataset=["bottle"], batch_size=2, resize=256, imagesize=224,
         num_workers=2, rotate_degrees=0, translate=0, scale=0, brightness=0, contrast=0, saturation=0, gray=0,
         hflip=0, vflip=0, augment=False)
+
+
+@pytest.mark.parametrize("options, standardized, noise_std", [
+    ([], True, 1.0),  # default: 1.0 feature stds (the reference's 0.05 is too little there)
+    (["--noise_std", "0.3"], True, 0.3),
+    (["--absolute_noise"], False, 0.05),  # the reference: 0.05 in absolute feature units
+    (["--absolute_noise", "--noise_std", "0.015"], False, 0.015),
+])
+def test_noise_std_default_and_absolute_noise(options, standardized, noise_std):
+    from defectscope.models import SimpleNet
+
+    parsed = cli_simplenet.parse(["net", *options, "dataset", "mvtec", "data", "bottle"])
+    kwargs = cli_simplenet.model_kwargs(parsed["net"], parsed["dataset"])
+    assert kwargs["standardize_features"] is standardized
+    model = SimpleNet(**{**kwargs, "backbone": "efficientnet_lite0", "pretrained": False, "resize": 64,
+                         "imagesize": 64, "pretrain_embed_dimension": 8, "target_embed_dimension": 8})
+    assert model.noise_std == model.hparams["noise_std"] == noise_std
+    assert (model.standardizer is not None) is standardized
+
+
+def test_help_tells_the_noise_defaults(capsys):
+    assert run_cli(["simplenet", "net", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Default: 1.0, in units of each channel's feature std" in text and "the reference's 0.05" in text
 
 
 @pytest.mark.parametrize("argv, shows", [(["--help"], "--log_project"), (["net", "--help"], "--dsc_margin"),

@@ -19,7 +19,7 @@ from defectscope.models.simplenet import aggregate_patches
 # The reference's defaults (DonaldRR/SimpleNet main.py: `net` and `dataset` options).
 REFERENCE_DEFAULTS = dict(
     pretrain_embed_dimension=1024, target_embed_dimension=1024, patchsize=3, embedding_size=1024, meta_epochs=1,
-    aed_meta_epochs=1, gan_epochs=1, dsc_layers=2, dsc_hidden=None, noise_std=0.05, dsc_margin=0.8, dsc_lr=0.0002,
+    aed_meta_epochs=1, gan_epochs=1, dsc_layers=2, dsc_hidden=None, dsc_margin=0.8, dsc_lr=0.0002,
     auto_noise=0, train_backbone=False, cos_lr=False, pre_proj=0, proj_layer_type=0, mix_noise=1, resize=256,
     imagesize=224, rotate_degrees=0, translate=0, scale=0, brightness=0, contrast=0, saturation=0, gray=0, hflip=0,
     vflip=0, augment=False,
@@ -42,6 +42,21 @@ def test_constructor_defaults_are_the_reference_ones():
     signature = inspect.signature(SimpleNet.__init__).parameters
     assert {k: signature[k].default for k in REFERENCE_DEFAULTS} == REFERENCE_DEFAULTS
     assert MODELS["simplenet"] is SimpleNet and isinstance(create_model("SimpleNet", pretrained=False), SimpleNet)
+
+
+def test_noise_std_default_is_one_feature_std_and_the_reference_absolute_value_without_standardisation():
+    """The one default that differs from the reference: 0.05 feature stds is too little noise
+    (benchmarks/results/simplenet.md), so standardised features get 1.0; absolute units keep 0.05."""
+    assert inspect.signature(SimpleNet.__init__).parameters["noise_std"].default is None
+    relative = tiny()
+    assert relative.noise_std == relative.hparams["noise_std"] == 1.0 and relative.standardizer is not None
+    absolute = tiny(standardize_features=False)
+    assert absolute.noise_std == absolute.hparams["noise_std"] == 0.05 and absolute.standardizer is None
+    assert tiny(standardize_features=False, noise_std=0.015).noise_std == 0.015
+    assert tiny(noise_std=0.25).noise_std == 0.25
+    feats = torch.zeros(20000, 8)
+    assert relative.make_noise(feats).std().item() == pytest.approx(1.0, rel=0.03)
+    assert absolute.make_noise(feats).std().item() == pytest.approx(0.05, rel=0.03)
 
 
 def test_invalid_settings_are_refused_with_every_reason():
@@ -120,6 +135,18 @@ def test_pre_proj_proj_layer_type_and_embedding_size_shape_the_projection():
     assert tiny(pre_proj=0, embedding_size=16).embed(features).shape == (2 * 8 * 8, 32)
 
 
+def test_projection_starts_orthogonal_unless_xavier_is_asked():
+    for embedding_size in (32, 16):  # square, and narrower (semi-orthogonal: orthonormal rows)
+        weight = tiny(pre_proj=2, embedding_size=embedding_size).pre_projection[0].weight.detach()
+        torch.testing.assert_close(weight @ weight.t(), torch.eye(embedding_size), atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    xavier = tiny(pre_proj=1, proj_init="xavier")
+    singular = torch.linalg.svdvals(xavier.pre_projection[0].weight.detach())
+    assert singular.min() < 0.2 * singular.max() and xavier.hparams["proj_init"] == "xavier"
+    with pytest.raises(ValueError, match="proj_init must be one of orthogonal, xavier"):
+        tiny(proj_init="kaiming")
+
+
 def test_dsc_layers_and_dsc_hidden_shape_the_discriminator():
     def widths(model):
         return [(m.in_features, m.out_features) for m in model.discriminator.modules() if isinstance(m, nn.Linear)]
@@ -127,6 +154,29 @@ def test_dsc_layers_and_dsc_hidden_shape_the_discriminator():
     assert widths(tiny(dsc_layers=1)) == [(32, 1)]
     assert widths(tiny(dsc_layers=2, dsc_hidden=None)) == [(32, 21), (21, 1)]  # int(32 // 1.5)
     assert widths(tiny(dsc_layers=3, dsc_hidden=10)) == [(32, 10), (10, 10), (10, 1)]
+
+
+def test_training_step_gives_the_loss_of_the_plain_step():
+    """Noise written straight into the discriminator's input: the same loss as
+    ``cat((true, true + noise))`` through the modules, from the same random state."""
+    model = tiny(noise_std=1.0)
+    features = model.extract_features(images(2))
+    model.fit_feature_statistics(features)
+    model.train()
+    for options in (dict(), dict(mix_noise=3), dict(auto_noise=0.5)):
+        for key, value in options.items():
+            setattr(model, key, value)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.manual_seed(3)
+        true_feats = model.embed(features)
+        fake_feats = true_feats + model.make_noise(true_feats)
+        scores = model.discriminator(torch.cat((true_feats, fake_feats)))
+        n = true_feats.shape[0]
+        old = model.loss(scores[:n], scores[n:])
+        model.load_state_dict(state)
+        torch.manual_seed(3)
+        same_path = model.training_step(features)
+        assert torch.equal(same_path, old), options  # only the noise's route differs: bit for bit
 
 
 # ---- noise: noise_std (relative), mix_noise, auto_noise -------------------------------------------------
