@@ -1,4 +1,4 @@
-"""Command line: ``defectscope train | test | predict``.
+"""Command line: ``defectscope train | test | predict | export | distill-teacher | simplenet``.
 
 ``defectscope train`` with no arguments is the demo: SuperSimpleNet on the packaged ELPV
 solar-cell images (one model per cell type) with the packaged EfficientNet-Lite0 backbone.
