@@ -1,4 +1,4 @@
-"""Command line: ``defectscope train | test | predict | export | distill-teacher | simplenet``.
+"""Command line: ``defectscope train | test | predict | export | serve | distill-teacher | simplenet``.
 
 ``defectscope train`` with no arguments is the demo: SuperSimpleNet on the packaged ELPV
 solar-cell images (one model per cell type) with the packaged EfficientNet-Lite0 backbone.
@@ -175,7 +175,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="defectscope", description=__doc__, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{train,test,predict,export,simplenet,distill-teacher}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,test,predict,export,serve,simplenet,distill-teacher}")
     # Parsed by defectscope.cli_simplenet (main dispatches to it); listed here for --help.
     sub.add_parser("simplenet", add_help=False, help="SimpleNet, reference command form: simplenet [main options] "
                    "net [model options] dataset [data options] mvtec <data_path> <subdataset>...")
@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     from defectscope.cli_export import add_parser as add_export_parser
 
     add_export_parser(sub, fmt)
+    from defectscope.cli_serve import add_parser as add_serve_parser
+
+    add_serve_parser(sub, fmt)
 
     train = sub.add_parser("train", help="train (and test) a model; no arguments: the ELPV demo", formatter_class=fmt)
     _add_data_options(train)
@@ -915,7 +918,7 @@ def _closest_options(parser: argparse.ArgumentParser, command: str | None, extra
     return f" (did you mean: {', '.join(hints)}? See `defectscope {command} --help`)" if hints else ""
 
 
-COMMANDS = ("train", "test", "predict", "export", "simplenet", "distill-teacher")
+COMMANDS = ("train", "test", "predict", "export", "serve", "simplenet", "distill-teacher")
 # Exceptions that mean "this input cannot work" (exit status 2): UsageError, DataError and the weights
 # errors are ValueError / FileNotFoundError subclasses; a path of the wrong kind or without permission too.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -1091,8 +1094,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         check_args(args)
         from defectscope.cli_export import cmd_export
+        from defectscope.cli_serve import cmd_serve
 
-        handlers = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}
+        handlers = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "export": cmd_export,
+                    "serve": cmd_serve}
         with notices_printed(), image_settings(getattr(args, "wide_range", None), getattr(args, "max_pixels", None)):
             return handlers[args.command](args)
     except (Exception, KeyboardInterrupt) as err:

@@ -11,7 +11,13 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from _cli_helpers import in_tmp_dir, read_csv, run_cli, single_thread  # noqa: F401 (fixtures)
+from _cli_helpers import (  # noqa: F401 (fixtures)
+    in_tmp_dir,
+    read_csv,
+    run_cli,
+    save_untrained_ssn,
+    single_thread,
+)
 from PIL import Image
 
 from defectscope.data import list_images, make_synthetic_mvtec
@@ -25,26 +31,14 @@ PIXEL_THRESHOLD = 0.55
 def setup(tmp_path_factory):
     """A saved 64 px SuperSimpleNet (fitted statistics, no training: fast) with a threshold in
     the middle of its test scores and a pixel threshold, and an MVTec-style test folder."""
-    from defectscope.models import SuperSimpleNet, load_model
+    from defectscope.models import load_model
 
     base = tmp_path_factory.mktemp("cli_predict")
     make_synthetic_mvtec(base / "data", category="tile", image_size=64, n_train=4, n_test_good=4, n_test_defect=4)
     test_dir = base / "data" / "tile" / "test"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = SuperSimpleNet(backbone="efficientnet_lite0", image_size=64).eval()
-    with torch.inference_mode():
-        images = torch.rand(4, 3, 64, 64)
-        mean, std = torch.tensor(model.mean).view(1, 3, 1, 1), torch.tensor(model.std).view(1, 3, 1, 1)
-        model.fit_feature_statistics(model.extract_features((images - mean) / std))
-    scores = [model.predict(p)[0] for p in sorted(test_dir.rglob("*.png"))]
-    model.threshold.fill_(float(np.median(scores)))
-    model.pixel_threshold = PIXEL_THRESHOLD
     folder = base / "model"
-    model.save(folder)
-    torch.set_num_threads(threads)
-    return dict(model_dir=folder, model=load_model(folder), test_dir=test_dir, base=base)
+    save_untrained_ssn(folder, sorted(test_dir.rglob("*.png")), PIXEL_THRESHOLD)
+    return {"model_dir": folder, "model": load_model(folder), "test_dir": test_dir, "base": base}
 
 
 def test_outputs_match_model_predict_and_the_report_shows_metrics(setup, tmp_path, capsys):
