@@ -669,24 +669,28 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int], *, max_pixels: int
                 "Fix: save the mask at the image's size (or check that the mask belongs to this "
                 "image); masks are never resized silently because that would move defect borders."
             )
-        if image.mode in _WIDE_GREY_MODES:
-            values = np.asarray(image).astype(np.float64)
-            if not np.isfinite(values).all():
-                raise DataError(
-                    f"Mask {_show(path)} has NaN or infinite values. Fix: save the mask as 8-bit PNG "
-                    "holding only 0 and 255."
-                )
-        elif image.mode == "1":
-            values = np.asarray(image).astype(np.uint8)
-        else:
-            values = np.asarray(image.convert("L"))
+        return _binary_mask(image, name, (
+            "Mask {path} has {levels} grey levels, expected 2 (0 and 255); thresholded at half its maximum "
+            "({threshold:g}). This happens with JPEG-saved or anti-aliased masks. Fix: save masks as PNG "
+            "holding only 0 and 255."), path)
+
+
+def _binary_mask(image: Image.Image, name: str, grey_levels_notice: str, path: Path) -> np.ndarray:
+    """An opened mask image (oriented) -> bool ``[H, W]``: non-zero when it has at most two
+    levels (0/255, 0/1, 1-bit), else above half its maximum, with ``grey_levels_notice``
+    (formatted with ``path``, ``levels``, ``threshold``) as a :class:`DataNotice`. NaN /
+    infinite values raise :class:`DataError` naming ``name``. Defect masks and ROI masks."""
+    if image.mode in _WIDE_GREY_MODES:
+        values = np.asarray(image).astype(np.float64)
+        if not np.isfinite(values).all():
+            raise DataError(f"{name} has NaN or infinite values. Fix: save it as 8-bit PNG holding only 0 and 255.")
+    elif image.mode == "1":
+        values = np.asarray(image).astype(np.uint8)
+    else:
+        values = np.asarray(image.convert("L"))
     levels = np.unique(values)
     if levels.size <= 2:
         return values != 0
     threshold = float(levels.max()) / 2.0
-    _notice(
-        f"Mask {_show(path)} has {levels.size} grey levels, expected 2 (0 and 255); thresholded at "
-        f"half its maximum ({threshold:g}). This happens with JPEG-saved or anti-aliased masks. "
-        "Fix: save masks as PNG holding only 0 and 255."
-    )
+    _notice(grey_levels_notice.format(path=_show(path), levels=levels.size, threshold=threshold))
     return values > threshold

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .images import (
-    _WIDE_GREY_MODES,
     IMAGE_EXTENSIONS,
     DataError,
+    _binary_mask,
     _notice,
     _open_decoded,
     _orient,
@@ -51,25 +51,10 @@ def read_roi(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.nd
     image, _ = _open_decoded(path, "ROI mask", max_pixels)
     name = f"ROI mask {_show(path)}"
     with image:
-        image = _orient(image, name)
-        if image.mode in _WIDE_GREY_MODES:
-            values = np.asarray(image).astype(np.float64)
-            if not np.isfinite(values).all():
-                raise DataError(f"{name} has NaN or infinite values. Fix: save it as 8-bit PNG holding 0 and 255.")
-        elif image.mode == "1":
-            values = np.asarray(image).astype(np.uint8)
-        else:
-            values = np.asarray(image.convert("L"))
-    levels = np.unique(values)
-    if levels.size <= 2:
-        inside = values != 0
-    else:
-        threshold = float(levels.max()) / 2.0
-        _notice(
-            f"{name} has {levels.size} grey levels, expected 2 (0 outside, 255 inside); inside is taken where "
-            f"it is above half its maximum ({threshold:g}). Fix: save ROI masks as PNG holding only 0 and 255."
-        )
-        inside = values > threshold
+        inside = _binary_mask(_orient(image, name), name, (
+            "ROI mask {path} has {levels} grey levels, expected 2 (0 outside, 255 inside); inside is taken "
+            "where it is above half its maximum ({threshold:g}). Fix: save ROI masks as PNG holding only 0 "
+            "and 255."), path)
     if not inside.any():
         raise DataError(
             f"{name} is empty: no pixel is inside the region of interest (all are 0), so nothing would be "
