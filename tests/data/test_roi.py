@@ -8,19 +8,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _cli_helpers import single_thread  # noqa: F401 (an autouse fixture)
 from PIL import Image
 
 from defectscope.data import DataError, DataNotice
 from defectscope.data.images import reset_notices
 from defectscope.data.roi import RoiSet, configure_roi, read_roi
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _cli_helpers import read_csv, run_cli, single_thread  # noqa: F401 (single_thread: an autouse fixture)
 from PIL import Image
 
 from defectscope.data import Sample
@@ -21,14 +21,6 @@ from defectscope.data.tiling import (
     tile_boxes,
     tile_samples,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- the grid ---------------------------------------------------------------------------------
@@ -135,9 +127,6 @@ def test_tile_samples_splits_large_images_only(tmp_path):
 def test_cli_train_with_tiles_non_square_input(tmp_path, monkeypatch):
     """``train --tile 128 --tile-overlap 16 --image-size 96 64``: trains on tiles of 384x256 frames,
     tests on stitched maps, and saves the tiling with the model."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _cli_helpers import read_csv, run_cli
-
     monkeypatch.chdir(tmp_path)
     good, bad, masks = tmp_path / "good", tmp_path / "bad", tmp_path / "masks"
     for folder in (good, bad, masks):

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli_helpers import run_cli, single_thread  # noqa: F401 (single_thread: an autouse fixture)
 
 pytest.importorskip("onnx", reason="export tests need the 'export' extra: pip install 'defectscope[export]'")
 ort = pytest.importorskip("onnxruntime", reason="export tests need onnxruntime: pip install 'defectscope[export]'")
 
-from defectscope.cli import main
 from defectscope.data import list_images, make_synthetic_mvtec
 from defectscope.deploy import ExportError, export_model, load_inferencer
 from defectscope.models import load_model
@@ -30,21 +30,6 @@ TOL = 1e-4
 # The legacy (TorchScript) exporter is several times faster, so the tests use it where it works;
 # SimpleNet's patch aggregation exports with the dynamo exporter only (the legacy one is refused).
 EXPORTER = {"supersimplenet": "legacy", "stfpm": "legacy", "efficientad": "legacy", "simplenet": "dynamo"}
-
-
-def run_cli(argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as err:
-        return err.code if isinstance(err.code, int) else 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
