@@ -115,9 +115,20 @@ def floor_forward(model, images):
 
 
 # ---------------------------------------------------------------- anomalib side
+def anomalib_datamodule(cfg: dict):
+    """anomalib's datamodule for ``cfg``'s data (ELPV folder layout or the synthetic MVTec layout),
+    at ``cfg['batch']`` for training and 32 for evaluation, no workers."""
+    from anomalib.data import Folder, MVTecAD
+
+    common = dict(train_batch_size=cfg["batch"], eval_batch_size=32, num_workers=0, seed=cfg["seed"])
+    if cfg["data"] == "elpv":
+        return Folder(name="elpv", root=cfg["root"], normal_dir="train/good", abnormal_dir="test/defect",
+                      normal_test_dir="test/good", **common)
+    return MVTecAD(root=cfg["root"], category=cfg["category"], **common)
+
+
 def run_anomalib(cfg: dict) -> dict:
     import torch
-    from anomalib.data import Folder, MVTecAD
     from anomalib.engine import Engine
     from anomalib.models import Supersimplenet
     from anomalib.pre_processing import PreProcessor
@@ -129,12 +140,7 @@ def run_anomalib(cfg: dict) -> dict:
     with timm_pretrained_from(cfg["weights"]):
         model = Supersimplenet(backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"], pre_processor=pre,
                                evaluator=False, visualizer=False)
-    common = dict(train_batch_size=cfg["batch"], eval_batch_size=32, num_workers=0, seed=cfg["seed"])
-    if cfg["data"] == "elpv":
-        dm = Folder(name="elpv", root=cfg["root"], normal_dir="train/good", abnormal_dir="test/defect",
-                    normal_test_dir="test/good", **common)
-    else:
-        dm = MVTecAD(root=cfg["root"], category=cfg["category"], **common)
+    dm = anomalib_datamodule(cfg)
     # No validation during training (we score the test images ourselves below), as in ours.
     engine = Engine(max_epochs=cfg["epochs"], accelerator="cpu", devices=1, logger=False, limit_val_batches=0,
                     default_root_dir=str(WORK / "anomalib_runs"))

@@ -112,15 +112,9 @@ def anomalib_common(cfg: dict):
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    from anomalib.data import Folder, MVTecAD
     from anomalib.engine import Engine
 
-    common = dict(train_batch_size=cfg["batch"], eval_batch_size=32, num_workers=0, seed=cfg["seed"])
-    if cfg["data"] == "elpv":
-        dm = Folder(name="elpv", root=cfg["root"], normal_dir="train/good", abnormal_dir="test/defect",
-                    normal_test_dir="test/good", **common)
-    else:
-        dm = MVTecAD(root=cfg["root"], category=cfg["category"], **common)
+    dm = va.anomalib_datamodule(cfg)
     engine_kw = dict(accelerator="cpu", devices=1, logger=False, limit_val_batches=0,
                      default_root_dir=str(WORK / "anomalib_runs"))
     return dm, Engine, engine_kw
