@@ -1022,13 +1022,20 @@ def image_settings(wide_range: str | None, max_pixels: int | None):
 
 
 @contextlib.contextmanager
-def notices_printed():
+def notices_printed(torch_free: bool = False):
     """Print each :class:`~defectscope.data.images.DataNotice` (a conversion the data needed: a
     16-bit image read on its fixed range, an alpha channel dropped, ...) as one ``notice: ...``
-    line on stderr instead of Python's warning format; other warnings pass through."""
+    line on stderr instead of Python's warning format; other warnings pass through.
+    ``torch_free``: take DataNotice from defectscope/data/images.py without importing
+    defectscope.data (whose __init__ imports torch), as the torch-free inferencer reads images."""
     import warnings
 
-    from defectscope.data.images import DataNotice
+    if torch_free:
+        from defectscope.deploy.inferencer import _images_module
+
+        DataNotice = _images_module().DataNotice
+    else:
+        from defectscope.data.images import DataNotice
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", DataNotice)  # defectscope says each notice once itself
@@ -1072,6 +1079,10 @@ def main(argv: list[str] | None = None) -> int:
             from defectscope.cli_simplenet import main as simplenet_main
 
             return simplenet_main(argv[1:], debug=debug)
+        if argv[0] == "serve":  # its own parser: serving an exported model never imports torch
+            from defectscope.cli_serve import main as serve_main
+
+            return serve_main(argv[1:])
         if argv[0] == "distill-teacher":
             from defectscope.cli_distill import main as distill_main
 

@@ -1,5 +1,10 @@
 """``defectscope serve <run_dir or exported model>``: the model as an HTTP service and a web page
-(defectscope.deploy.server; FastAPI + uvicorn, the ``serve`` extra)."""
+(defectscope.deploy.server; FastAPI + uvicorn, the ``serve`` extra).
+
+``defectscope.cli.main`` hands ``serve`` straight to :func:`main` here, before it builds the other
+commands' parser (which imports the models, and so PyTorch): an exported model is served without
+torch in the process (onnxruntime / OpenVINO only). A run folder still loads PyTorch to run.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,19 @@ HELP = "serve a run folder or an exported model over HTTP: POST /predict, a web 
 
 
 def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter) -> argparse.ArgumentParser:
-    """The ``serve`` sub-command's parser, added to ``sub`` (build_parser's subparsers)."""
-    p = sub.add_parser("serve", help=HELP, formatter_class=formatter_class)
+    """The ``serve`` sub-command's parser, added to ``sub`` (build_parser's subparsers, for
+    ``defectscope --help``)."""
+    return add_options(sub.add_parser("serve", help=HELP, description=HELP, formatter_class=formatter_class))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``defectscope serve``'s own parser: what :func:`main` parses with (no torch imported)."""
+    return add_options(argparse.ArgumentParser(prog="defectscope serve", description=HELP,
+                                               formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``serve`` options, added to ``p``."""
     p.add_argument("model", help="run folder (or its models/<n> folder) written by `defectscope train`, or an "
                                  "exported model (.onnx / .xml file, or the folder `defectscope export` wrote)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -37,6 +53,37 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter) -> a
                    help="threads the model runs on in each process; None: the runtime's own with 1 process, "
                         "the CPUs divided among the processes with --workers N")
     return p
+
+
+def main(argv: list[str]) -> int:
+    """``defectscope serve ARGV...`` (what follows ``serve``). Errors are raised (UsageError for a
+    bad command line) for ``defectscope.cli.main`` to print. Imports torch only to serve a run folder."""
+    from defectscope.cli import (
+        UsageError,
+        _closest_options,
+        _model_kind,
+        notices_printed,
+    )
+
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback too (any position)")
+
+    def error(message: str):
+        raise UsageError(f"{message} (see `defectscope serve --help`)")
+
+    parser.error = error
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        top = argparse.ArgumentParser(prog="defectscope")  # _closest_options looks the command up in it
+        parser_for_hints = top.add_subparsers(dest="command")
+        add_parser(parser_for_hints)
+        hints = _closest_options(top, "serve", extra) or " (see `defectscope serve --help`)"
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}{hints}")
+    path = Path(args.model)
+    # An exported model: DataNotice from defectscope/data/images.py loaded without defectscope.data
+    # (whose __init__ imports torch); a run folder imports defectscope.data (and torch) anyway.
+    with notices_printed(torch_free=_model_kind(path) != "run"):
+        return cmd_serve(args)
 
 
 def cmd_serve(args) -> int:

@@ -17,7 +17,9 @@ Endpoints:
 - ``GET /health``: liveness and queue use (never needs the API key);
   ``GET /model``: what is loaded (image size, thresholds, ROI, limits).
 - ``GET /``: a page to drop an image on (defectscope/deploy/static/index.html, no build step,
-  nothing fetched from the internet); ``/docs`` and ``/openapi.json``: the OpenAPI description.
+  nothing fetched from the internet); ``/docs`` (Swagger UI) and ``/redoc``: the OpenAPI description
+  (``/openapi.json``) as pages, from local files (the ``fastapi-offline`` package, in the ``serve``
+  extra; without it FastAPI's own pages, which load their scripts from a CDN).
 
 Limits: upload size (413), image type judged by the bytes (415), decompression bombs refused
 from the header (413, :data:`defectscope.data.images.MAX_PIXELS`), a bounded number of admitted
@@ -521,10 +523,14 @@ def create_app(model_path: str | os.PathLike | Backend, category: str | None = N
         service.batcher.close()
         service.pool.shutdown(wait=False, cancel_futures=True)
 
+    docs_assets = _docs_assets()
+    offline_docs = {"docs_url": None, "redoc_url": None} if docs_assets is not None else {}
     app = FastAPI(lifespan=lifespan, title="defectscope inspection server", version=defectscope.__version__,
                   description=f"Visual anomaly detection with {backend.name} ({backend.kind}: {backend.source}). "
-                              "Send an image to /predict; see GET /model for thresholds and limits.")
+                              "Send an image to /predict; see GET /model for thresholds and limits.", **offline_docs)
     app.state.service = service
+    if docs_assets is not None:
+        _add_offline_docs(app, docs_assets)
 
     def error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
         return JSONResponse({"detail": detail, "status": status}, status_code=status, headers=headers)
@@ -678,6 +684,58 @@ def create_app(model_path: str | os.PathLike | Backend, category: str | None = N
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
     return app
+
+
+DOCS_STATIC = "/docs-static"
+
+
+def _docs_assets() -> Path | None:
+    """The folder of Swagger UI 5 / ReDoc files shipped by the ``fastapi-offline`` package (in the
+    ``serve`` extra), or None when it is not installed: then /docs is FastAPI's own page, which
+    loads Swagger UI from a CDN."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "static"
+    needed = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
+    return folder if all((folder / name).is_file() for name in needed) else None
+
+
+def _add_offline_docs(app, assets: Path) -> None:
+    """/docs (Swagger UI) and /redoc from local files under :data:`DOCS_STATIC`: nothing from the
+    internet, so the pages work on an offline network."""
+    from fastapi import Request
+    from fastapi.openapi.docs import (
+        get_redoc_html,
+        get_swagger_ui_html,
+        get_swagger_ui_oauth2_redirect_html,
+    )
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount(DOCS_STATIC, StaticFiles(directory=str(assets)), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - API",
+                                   swagger_js_url=f"{root}{DOCS_STATIC}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{DOCS_STATIC}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{DOCS_STATIC}/favicon.png",
+                                   oauth2_redirect_url=f"{root}{app.swagger_ui_oauth2_redirect_url}",
+                                   swagger_ui_parameters=app.swagger_ui_parameters)
+
+    @app.get(app.swagger_ui_oauth2_redirect_url, include_in_schema=False)
+    async def docs_redirect():
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request):
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{root}{DOCS_STATIC}/redoc.standalone.js",
+                              redoc_favicon_url=f"{root}{DOCS_STATIC}/favicon.png", with_google_fonts=False)
 
 
 def describe(app) -> str:

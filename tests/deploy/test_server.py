@@ -114,6 +114,28 @@ def test_health_model_page_and_openapi(exported_client):
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
 
 
+def test_the_docs_pages_load_only_local_files(exported_client):
+    """/docs (Swagger UI 5, which renders the OpenAPI 3.1 FastAPI writes) and /redoc come from the
+    fastapi-offline package's files: every script, style sheet and icon is on this server."""
+    import re
+
+    pytest.importorskip("fastapi_offline", reason="offline /docs needs fastapi-offline (the 'serve' extra)")
+    for page, needed in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = exported_client.get(page)
+        assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+        assert "http://" not in html.text and "https://" not in html.text, page  # nothing from the internet
+        urls = re.findall(r'(?:src|href)="([^"]+)"', html.text) + re.findall(r"url: '([^']+)'", html.text)
+        urls += re.findall(r'spec-url="([^"]+)"', html.text)
+        assert any(u.endswith(needed) for u in urls) and "/openapi.json" in urls, (page, urls)
+        for url in urls:
+            assert url.startswith("/") and not url.startswith("//"), (page, url)
+            assert exported_client.get(url).status_code == 200, (page, url)
+    bundle = exported_client.get("/docs-static/swagger-ui-bundle.js").text
+    assert re.search(r'PACKAGE_VERSION:"5\.', bundle), "Swagger UI 5.x renders OpenAPI 3.1"
+    assert exported_client.get("/openapi.json").json()["openapi"].startswith("3.1")
+    assert exported_client.get("/docs-static/nothing.js").status_code == 404
+
+
 # ---- bad requests ---------------------------------------------------------------------------
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -300,6 +322,47 @@ def test_the_serve_command_is_registered_and_refuses_a_missing_model(tmp_path, c
     assert (cli_serve.DEFAULT_MAX_UPLOAD_MB, cli_serve.DEFAULT_MAX_QUEUE, cli_serve.DEFAULT_TIMEOUT_S,
             cli_serve.DEFAULT_MAX_BATCH) == (server.DEFAULT_MAX_UPLOAD_MB, server.DEFAULT_MAX_QUEUE,
                                              server.DEFAULT_TIMEOUT_S, server.DEFAULT_MAX_BATCH)
+
+
+def test_serving_an_exported_model_never_imports_torch(model, tmp_path):
+    """`defectscope serve model.onnx` goes from the command line to uvicorn.run (replaced here)
+    without importing torch (~800 MiB RSS with it, ~130 MiB without); `serve --help` neither."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import uvicorn\n"
+        "ran = []\n"
+        "uvicorn.run = lambda app, **kw: ran.append((app, kw))\n"
+        "from defectscope.cli import main\n"
+        "status = main(sys.argv[1:])\n"
+        "assert status == 0 and len(ran) == 1 and ran[0][1]['port'] == 8123, (status, ran)\n"
+        "app = ran[0][0]\n"
+        "assert app.state.service.backend.kind == 'exported'\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
+        "print('torch-free')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, "serve", str(model["onnx"]), "--port", "8123",
+                          "--max-queue", "5"], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert run.returncode == 0 and "torch-free" in run.stdout, run.stdout + run.stderr
+    assert '"max_queue": 5' in run.stdout  # the options still reach create_app
+    code = ("import sys\nfrom defectscope.cli import main\ntry:\n    main(['serve', '--help'])\n"
+            "except SystemExit as e:\n    assert e.code == 0\nassert 'torch' not in sys.modules\nprint('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert run.returncode == 0 and run.stdout.rstrip().endswith("ok"), run.stdout + run.stderr
+    assert "--max-queue" in run.stdout and "--workers" in run.stdout
+
+
+def test_the_serve_command_line_is_checked_without_the_other_commands(capsys):
+    from defectscope.cli import main
+
+    assert main(["serve"]) == 2
+    assert "required: model" in capsys.readouterr().err
+    assert main(["serve", "m.onnx", "--prot", "9000"]) == 2
+    assert "--prot -> --port" in capsys.readouterr().err
+    assert main(["serve", "m.onnx", "--port", "x"]) == 2
+    assert "see `defectscope serve --help`" in capsys.readouterr().err
 
 
 def test_the_factory_for_process_managers_builds_the_app_from_the_environment(model, monkeypatch):

@@ -1,11 +1,13 @@
 """The inspection page in a real browser: `defectscope serve`'s app under uvicorn on a free port,
 opened in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium); an image
-is picked, the score, verdict and overlay must appear. A screenshot is saved under the test's
+is picked, the score, verdict and overlay must appear; then /docs (Swagger UI from local files)
+must list the operations. A screenshot is saved under the test's
 tmp_path; with DEFECTSCOPE_UPDATE_SCREENSHOT=1 it is also copied to docs/server_screenshot.png
 (the README shows it; a normal test run leaves the repository unchanged)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -86,6 +88,15 @@ def test_the_page_scores_a_picked_image_in_headless_chromium(tmp_path):
         if os.environ.get("DEFECTSCOPE_UPDATE_SCREENSHOT") == "1":
             (REPO / "docs").mkdir(exist_ok=True)
             shutil.copyfile(shot, REPO / "docs" / "server_screenshot.png")
+        # /docs: Swagger UI from the server's own files (fastapi-offline) renders the operations.
+        if importlib.util.find_spec("fastapi_offline") is not None:
+            driver.get(f"http://127.0.0.1:{port}/docs")
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+            paths = [e.text.replace("\u200b", "") for e in
+                     driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]
+            assert "/predict" in paths and "/predict/batch" in paths and "/health" in paths, paths
+            assert driver.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title")
+            assert driver.save_screenshot(str(tmp_path / "docs_screenshot.png"))
     finally:
         driver.quit()
         server.should_exit = True
