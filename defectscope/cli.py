@@ -210,18 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--noise-std", type=number(float, 0, low_open=True), default=None,
                    help="synthetic feature-noise std in units of each channel's std; None: the model's (1.0)")
     m.add_argument("--adapt-cls-features", action="store_true", help="ICPR variant (default: JIMS)")
-    m.add_argument("--image-score", choices=["auto", "classifier", "map_max", "mean"], default="auto",
-                   help="image score: the classification head, the anomaly map's maximum, or their mean; auto: "
-                        "map_max when trained unsupervised, mean when trained with labelled defects")
+    m.add_argument("--image-score", choices=["auto", "classifier", "map_max", "mean", "fused"], default="auto",
+                   help="image score: the classification head, the anomaly map's maximum, their mean, or fused (the map "
+                        "maximum and a probe fitted on the labelled defects, weighed by how well each separates them); "
+                        "auto: map_max when trained unsupervised, fused when trained with labelled defects")
     m.add_argument("--adaptor-init", choices=["orthogonal", "xavier"], default="orthogonal",
                    help="SuperSimpleNet adaptor's starting weights (xavier: the reference's; orthogonal keeps "
                         "every feature direction at the noise's scale)")
     m.add_argument("--regime", choices=["auto", "unsupervised", "weakly", "mixed", "supervised"], default="auto",
                    help="supervision regime; auto follows the training data (labelled defects with masks: "
                         "supervised, with image labels only: weakly, both: mixed, none: unsupervised)")
+    m.add_argument("--defects-per-batch", type=number(int, 0), default=None,
+                   help="labelled defective images in every training batch (drawn in turn, so each is seen "
+                        "equally often); None: a quarter of the batch; 0: shuffle them in with the good images")
     m.add_argument("--upscale-factor", type=number(int, 1), default=1,
                    help="feature map size as a multiple of the largest backbone map (reference: 2, 4x slower)")
-    m.add_argument("--epochs", type=number(int, 1), default=DEMO_EPOCHS, help="training epochs (the paper uses 300)")
+    m.add_argument("--epochs", type=number(int, 1), default=None,
+                   help=f"training epochs; None: the model's default (supersimplenet 10, the others {DEMO_EPOCHS}; "
+                        "the papers use 100-300)")
     m.add_argument("--lr-scale", type=number(float, 0, low_open=True), default=2.0, help="multiplies the reference learning rates")
     m.add_argument("--no-test", action="store_true", help="train only")
     m.add_argument("--no-resume", action="store_true", help="start again even if the run folder has a checkpoint")
@@ -482,8 +488,17 @@ def _engine(args, run_name=None, results_path=None, project=None, group=None, ep
         progress=not args.no_progress, resume=not getattr(args, "no_resume", False),
         compile_heads=getattr(args, "compile", False), val_fraction=getattr(args, "val_fraction", 0.2),
         threshold_rule=getattr(args, "threshold_rule", "false_reject"),
+        defects_per_batch=_defects_per_batch(args, batch_size),
         max_false_reject=getattr(args, "max_false_reject", 0.01), data_info=data_info,
     )
+
+
+def _defects_per_batch(args, batch_size: int) -> int | None:
+    value = getattr(args, "defects_per_batch", None)
+    if value is not None and value >= batch_size:
+        raise UsageError(f"--defects-per-batch {value} leaves no room for good images in a batch of {batch_size}. "
+                         f"Fix: at most {batch_size - 1}, or a larger --batch-size.")
+    return value
 
 
 def data_settings(args) -> dict:
@@ -598,9 +613,11 @@ def _check_tile_options(args) -> None:
 def cmd_train(args) -> int:
     import torch
 
-    from defectscope.models import create_model, model_key
+    from defectscope.models import MODELS, create_model, model_key
 
     args.image_size = _image_size_option(args.image_size, args.model)
+    if args.epochs is None:  # the model's own default (SuperSimpleNet: 10), else the demo's 3
+        args.epochs = getattr(MODELS.get(model_key(args.model)), "default_epochs", DEMO_EPOCHS)
     _check_tile_options(args)
     if model_key(args.model) == "simplenet":
         from defectscope.cli_simplenet import train_from_args

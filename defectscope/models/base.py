@@ -434,7 +434,9 @@ class AnomalyModel(nn.Module):
             raise ModelFileError(f"{folder / CKPT_NAME} holds no 'state_dict'. Fix: retrain the model.")
         missing, unexpected = self.load_state_dict(state["state_dict"], strict=False)
         # "roi": models saved before ROIs existed have none (the all-ones buffer stays).
-        missing = [k for k in missing if not k.startswith("feature_extractor.") and k != "roi"]
+        # optional_state_prefixes: tensors a model gained after some files were saved.
+        optional = ("feature_extractor.", *getattr(self, "optional_state_prefixes", ()))
+        missing = [k for k in missing if not k.startswith(optional) and k != "roi"]
         if missing or unexpected:
             raise ModelFileError(
                 f"{folder / CKPT_NAME} does not fit this {type(self).__name__}: missing {missing[:5]}, "

@@ -106,6 +106,67 @@ class SegmentationDetectionHead(nn.Module):
         return bn_mlp_forward(self.seg_head, seg_features) if self.fused else self.seg_head(seg_features)
 
 
+class LabelProbe(nn.Module):
+    """Logistic regression on each image's mean- and max-pooled standardised features:
+    ``[B,C,h,w]`` -> logit ``[B]``.
+
+    Fitted once after training by L-BFGS on the training images' image labels (:meth:`fit`), not
+    by the optimizer: a few dozen labelled defects among hundreds of good images give SGD a few
+    hundred noisy steps in a short schedule, while the convex fit converges exactly. Its loss is
+    scikit-learn's ``LogisticRegression()`` default (L2 with C = 1, intercept not penalised);
+    tests compare the two.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2 * channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.linear.requires_grad_(False)  # fitted in closed form, never by the optimizer
+
+    @staticmethod
+    def pool(features: torch.Tensor) -> torch.Tensor:
+        """``[B,C,h,w]`` -> ``[B,2C]`` (channel means, then channel maxima)."""
+        return torch.cat((features.mean(dim=(2, 3)), features.amax(dim=(2, 3))), dim=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.pool(features)).reshape(-1)
+
+    @staticmethod
+    def solve(pooled: torch.Tensor, labels: torch.Tensor, c: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-regularised logistic regression (``0.5 |w|^2 + c * sum of log-losses``) on
+        ``[N,D]`` inputs and ``[N]`` 0/1 labels -> (weight ``[D]``, bias), in float64.
+
+        ``c`` 0.1 (scikit-learn's default is 1): with 5-50 labelled defects in 304 dimensions the
+        stronger penalty ranked unseen ELPV defects better at every count on mono (probe alone,
+        image AUROC 0.908 / 0.924 / 0.942 / 0.942 at 5 / 10 / 25 / 50 cells against 0.864 / 0.896 /
+        0.935 / 0.933) and at 25-50 on poly (0.882 / 0.868 against 0.855 / 0.853);
+        benchmarks/results/labels_recipe.md."""
+        x = pooled.detach().double()
+        y = labels.detach().double().reshape(-1)
+        w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([w], lr=1, max_iter=1000, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                      history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            logits = x @ w[:-1] + w[-1]
+            loss = c * F.binary_cross_entropy_with_logits(logits, y, reduction="sum") + 0.5 * (w[:-1] ** 2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        w = w.detach()
+        return w[:-1], w[-1]
+
+    def fit(self, pooled: torch.Tensor, labels: torch.Tensor) -> None:
+        weight, bias = self.solve(pooled, labels)
+        with torch.no_grad():
+            self.linear.weight.copy_(weight.reshape(1, -1))
+            self.linear.bias.copy_(bias.reshape(1))
+
+
 class SuperSimpleNet(AnomalyModel):
     """SuperSimpleNet model.
 
@@ -138,15 +199,17 @@ class SuperSimpleNet(AnomalyModel):
             classification head (the reference's score). ``"map_max"``: the maximum of the
             smoothed anomaly map (the reference's evaluation reports it too, as "seg_score"); the
             classification head is then skipped at inference. ``"mean"``: the average of the two
-            as probabilities. ``"auto"`` (default): ``map_max`` after unsupervised training,
-            ``mean`` after training with labelled defects. Why (benchmarks/results/elpv_labelled_xavier_adaptor.md,
-            ELPV, 3 epochs, 2 seeds; and a synthetic set): trained on synthetic noise only, the
-            classification head learns to spot that noise rather than real defects (ELPV image
-            AUROC 0.85 mono / 0.73 poly against 0.93 / 0.86 for the map maximum of the same
-            models). With a few labelled defects it learns from real ones but varies a lot between
-            seeds; averaging it with the map maximum beat either alone from 10 labelled cells up on
-            mono and from 25 up on poly (0.943 / 0.871 at 25), and lost 0.01-0.03 to the map
-            maximum below that.
+            as probabilities. ``"fused"``: the map maximum and the label probe (:class:`LabelProbe`,
+            a logistic regression on pooled features fitted on the labelled training images after
+            training), each as a z-score against the held-out good images, weighed by how far each
+            puts the labelled defects from them (the probe's by probes fitted without each defect;
+            :func:`fusion_weights`). ``"auto"`` (default): ``map_max`` after unsupervised training,
+            ``fused`` after training with labelled defects. Why: trained on synthetic noise only,
+            the classification head learns to spot that noise rather than real defects (ELPV
+            image AUROC 0.85 mono / 0.73 poly against 0.93 / 0.86 for the map maximum of the same
+            models, benchmarks/results/elpv_labelled_xavier_adaptor.md); with a few labelled
+            defects it still trails a linear probe fitted on the same features, and the mean of
+            probabilities added little (benchmarks/results/labels_recipe.md has the comparison).
         supervised_grad_clip: gradient-norm clipping in the supervised regimes (None: off). The
             reference clips at 1 in its supervised runs (300 epochs); in short schedules it slows
             learning: ELPV mono with 10 weakly labelled cells, 3 epochs, image AUROC 0.879 with
@@ -158,19 +221,27 @@ class SuperSimpleNet(AnomalyModel):
             noise; the adaptor barely moves in a short schedule, so its start stays.
             Orthogonal keeps every direction: ELPV, 3 epochs, seeds 0-2, map maximum, mono
             0.936 vs 0.928 and poly 0.880 vs 0.861 (benchmarks/results/noise_scale.md).
-        train_unused_classifier: train the classification head even when nothing uses it.
-            By default it is left out of training when its output cannot matter: unsupervised
-            training (the stop-gradient keeps it out of the map), the JIMS variant (it does not
-            see the adaptor's output) and the map maximum as image score. Then it changes no
-            other weight, so skipping it gives the same map and scores (to round-off) and saves
-            its 5x5 convolution, the largest cost of a step. A model trained that way refuses
-            ``image_score="classifier"`` / ``"mean"`` (its head is untrained); set this to True,
-            or ask for that score before training, to have one.
+        train_unused_classifier: train the classification head even when the image score does
+            not use it. By default it trains only for ``image_score="classifier"`` or ``"mean"``:
+            the default scores (``map_max`` unsupervised, ``fused`` with labels) do not use it,
+            and it is the largest cost of a step (its 5x5 convolution). Unsupervised, skipping it
+            changes no other weight (the stop-gradient keeps it out of the map). With labels its
+            gradient also reaches the map; measured on ELPV mono with 50 labelled cells (seeds
+            0, 1), the fused score was 0.961 / 0.961 trained 10 epochs without it against 0.961 /
+            0.955 trained 3 epochs with it in about the same time (benchmarks/results/labels_recipe.md).
+            A model trained without it refuses ``image_score="classifier"`` / ``"mean"``; set this
+            to True, or ask for that score before training, to have one.
         weights: path to backbone weights (else the packaged / cached ones are used).
         pretrained: False builds a random backbone (tests only).
     """
 
     name = "supersimplenet"
+    # Epochs of `defectscope train` when --epochs is not given. 10, not 3: the map of a 3-epoch run
+    # depends a lot on the seed (ELPV mono, unsupervised, seeds 0-2: 0.945 / 0.913 / 0.928, mean
+    # 0.929, under the nearest-neighbour floor of 0.940); 10 epochs gave 0.949 / 0.931 / 0.941,
+    # mean 0.940 (benchmarks/results/labels_recipe.md). An epoch costs ~10 s on one CPU thread
+    # for ELPV mono's 352 training cells with the feature cache.
+    default_epochs = 10
 
     def __init__(
         self,
@@ -269,14 +340,24 @@ class SuperSimpleNet(AnomalyModel):
         else:
             _init_weights(self.adaptor)
         self.segdec = SegmentationDetectionHead(channels, stop_grad=self.stop_grad)
+        # Image labels pay through a probe fitted after training (fit_on_training_features) and
+        # fused with the map maximum (image_score "fused"): rows centre, scale and weight of each
+        # part (map-maximum logit, probe logit), set by calibrate(). Until then: the map alone.
+        self.label_probe = LabelProbe(channels)
+        self.register_buffer("fusion", torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 0.0]]))
+        self.probe_info: dict = {}
+        self._defect_parts: torch.Tensor | None = None
         self._sync_classifier_trainable()
         self.smoothing = GaussianBlur2d(sigma=sigma)
         # Channels-last (NHWC) convolutions: 1.1-1.7x faster heads in training and ~1.5x faster
         # inference on CPU, same results within float tolerance (benchmarks/results/ssn_profile.md).
         self.to(memory_format=torch.channels_last)
 
+    # Saved before the label probe existed: such files lack these tensors (the map alone scores).
+    optional_state_prefixes = ("label_probe.", "fusion")
+
     def params(self) -> dict:
-        return {**super().params(), "classifier_skipped": self.classifier_skipped}
+        return {**super().params(), "classifier_skipped": self.classifier_skipped, "label_probe": dict(self.probe_info)}
 
     def load_params(self, params: dict) -> None:
         supervised = params.get("hparams", {}).get("supervised")
@@ -284,6 +365,7 @@ class SuperSimpleNet(AnomalyModel):
             # Loading into an instance: the regime is set by training, so the saved one applies.
             self.set_regime("weakly" if supervised else "unsupervised")
         self.classifier_skipped = bool(params.get("classifier_skipped", False))
+        self.probe_info = dict(params.get("label_probe") or {})
 
     # ---- features ---------------------------------------------------------------------
     @torch.no_grad()
@@ -381,9 +463,16 @@ class SuperSimpleNet(AnomalyModel):
 
     @property
     def trains_classifier(self) -> bool:
-        """Whether training updates the classification head (see ``train_unused_classifier``)."""
-        unused = not self.supervised and not self.adapt_cls_features and self.resolved_image_score == "map_max"
-        return self.train_unused_classifier or not unused
+        """Whether training updates the classification head: when the image score uses it
+        (``classifier``, ``mean``) or ``train_unused_classifier`` asks for it."""
+        return self.train_unused_classifier or self.resolved_image_score in ("classifier", "mean")
+
+    @property
+    def learns_from_image_labels(self) -> bool:
+        """Whether an image label alone (a defect without a mask) reaches the training loss: only
+        through the classification head. The engine gives labelled defects a share of every batch
+        only when their labels reach the loss."""
+        return self.trains_classifier
 
     @staticmethod
     def downsample_mask(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -452,12 +541,78 @@ class SuperSimpleNet(AnomalyModel):
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.4)
         return optimizer, scheduler
 
+    # ---- after training: the label probe and the fused score --------------------------
+    @torch.no_grad()
+    def fit_on_training_features(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """After the optimizer loop (eval mode), with every training image's cached features
+        ``[N,C,h,w]`` and image labels ``[N]``: fit the label probe on all of them, and score each
+        labelled defect by a probe fitted without it (5 folds) and by the map, for calibrate() to
+        weigh the two parts by how far each puts defects from good images. Without at least two
+        labelled defects nothing is fitted (the map alone scores)."""
+        labels = torch.as_tensor(labels).reshape(-1).float().cpu()
+        self._defect_parts = None
+        if not self.supervised or int(labels.sum()) < 2:
+            self.probe_info = {}
+            return
+        pooled, map_max = [], []
+        size = tuple(self.image_size)
+        device = self.fusion.device
+        for start in range(0, len(features), 64):
+            feats = features[start:start + 64].to(device, torch.float32)
+            pooled.append(LabelProbe.pool(self._standardize(feats)).float().cpu())
+            if bool(labels[start:start + 64].any()):
+                _, parts = self._map_and_parts(feats, size)
+                map_max.append(parts[:, 0].cpu())
+            else:
+                map_max.append(torch.full((len(feats),), float("nan")))
+        pooled, map_max = torch.cat(pooled), torch.cat(map_max)
+        self.label_probe.fit(pooled, labels)
+        self.label_probe.to(device)
+        defects = labels.nonzero().squeeze(1)
+        folds = min(5, len(defects))
+        unseen = torch.empty(len(defects), dtype=torch.float64)
+        for k in range(folds):
+            held = torch.zeros(len(labels), dtype=torch.bool)
+            held[defects[k::folds]] = True
+            weight, bias = LabelProbe.solve(pooled[~held], labels[~held])
+            unseen[k::folds] = pooled[defects[k::folds]].double() @ weight + bias
+        self._defect_parts = torch.stack((map_max[defects].double(), unseen), dim=1)
+        self.probe_info = {"fitted_on": {"good": int((labels == 0).sum()), "defective": len(defects)},
+                           "folds": folds}
+
+    @torch.no_grad()
+    def calibrate(self, batches) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """With the fused score: centre and scale each part on the held-out good images (normalised
+        batches), weigh each by how far it puts the labelled defects from them (the probe part by
+        its cross-fitted scores, see :meth:`fit_on_training_features`), and return those images'
+        scores and map maxima as :meth:`forward` now gives them. Other image scores: None (the
+        engine scores the images itself)."""
+        if self.resolved_image_score != "fused":
+            return None
+        parts, map_max = [], []
+        for images in batches:
+            map_logits, p = self._map_and_parts(self.extract_features(images), images.shape[-2:])
+            maps = map_logits.sigmoid() if self.post_processor else map_logits
+            map_max.append(self.apply_roi(maps, maps.amax(dim=(1, 2, 3)), score_from_map=False)[0].amax(dim=(1, 2, 3)))
+            parts.append(p)
+        if not parts:
+            return None
+        parts, map_max = torch.cat(parts), torch.cat(map_max)
+        center = parts.double().mean(dim=0)
+        scale = parts.double().std(dim=0).nan_to_num(0.0).clamp_min(1e-6) if len(parts) > 1 else torch.ones(2, dtype=torch.float64)
+        weight = fusion_weights(self._defect_parts, parts)
+        self.fusion.copy_(torch.stack((center, scale, weight)).to(self.fusion))
+        self.probe_info.update(weights={"map_max": float(weight[0]), "probe": float(weight[1])},
+                               calibrated_on=len(parts))
+        scores = self._fuse(parts)
+        return (scores.sigmoid() if self.post_processor else scores), map_max
+
     # ---- inference --------------------------------------------------------------------
     @property
     def resolved_image_score(self) -> str:
         """``classifier``, ``map_max`` or ``mean``: what ``image_score`` means for this model."""
         if self.image_score == "auto":
-            return "mean" if self.supervised else "map_max"
+            return "fused" if self.supervised else "map_max"
         return self.image_score
 
     @property
@@ -465,11 +620,28 @@ class SuperSimpleNet(AnomalyModel):
         """True when the image score is the map maximum alone (no classification head needed)."""
         return self.resolved_image_score == "map_max"
 
+    def _map_and_parts(self, features: torch.Tensor, output_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-extracted features -> (smoothed map logits ``[B,1,H,W]``, the fused score's parts
+        ``[B,2]``: map-maximum logit and label-probe logit)."""
+        feats = self._standardize(features)
+        map_logits = self.segdec.segment(self.adaptor(feats))
+        map_logits = self.smoothing(F.interpolate(map_logits, size=output_size, mode="bilinear", align_corners=False))
+        return map_logits, torch.stack((map_logits.amax(dim=(1, 2, 3)), self.label_probe(feats)), dim=1)
+
+    def _fuse(self, parts: torch.Tensor) -> torch.Tensor:
+        """``[B,2]`` parts -> fused score ``[B]``: the weighted sum of each part's z-score against
+        the held-out good images (calibrate)."""
+        center, scale, weight = self.fusion
+        return (((parts - center) / scale) * weight).sum(dim=1)
+
     def forward_features(self, features: torch.Tensor, output_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference on pre-extracted features -> (map logits ``[B,1,H,W]`` smoothed, score logits ``[B]``)."""
+        kind = self.resolved_image_score
+        if kind == "fused":
+            map_logits, parts = self._map_and_parts(features, output_size)
+            return map_logits, self._fuse(parts)
         feats = self._standardize(features)
         adapted = self.adaptor(feats)
-        kind = self.resolved_image_score
         if kind != "map_max" and self.classifier_skipped:
             raise ValueError(
                 f"image_score={kind!r} needs the classification head, but this model was trained without it "
@@ -513,7 +685,25 @@ def truncated_l1(pred: torch.Tensor, target: torch.Tensor, margin: float = 0.5) 
     )
 
 
-IMAGE_SCORES = ("auto", "classifier", "map_max", "mean")
+def fusion_weights(defect_parts: torch.Tensor | None, good_parts: torch.Tensor) -> torch.Tensor:
+    """Weights of the fused score's parts (map maximum, label probe): how much better than chance
+    each part ranks the labelled training defects above the held-out good images (its AUROC minus
+    0.5, floored at 0; the probe's part from probes fitted without each defect), normalised to sum
+    1. Ranks, not means: a few very strong defects cannot buy a part its weight. Without labelled
+    defects, or when neither part separates them: the map alone ([1, 0])."""
+    alone = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    if defect_parts is None or len(defect_parts) == 0 or len(good_parts) == 0:
+        return alone
+    d = defect_parts.double().cpu()[:, None, :]
+    g = good_parts.double().cpu()[None, :, :]
+    auroc = ((d > g).double() + 0.5 * (d == g).double()).mean(dim=(0, 1))
+    weight = (auroc - 0.5).nan_to_num(0.0).clamp_min(0.0)
+    if float(weight.sum()) <= 0:
+        return alone
+    return weight / weight.sum()
+
+
+IMAGE_SCORES = ("auto", "classifier", "map_max", "mean", "fused")
 ADAPTOR_INITS = ("orthogonal", "xavier")
 
 # Chosen by the ELPV / synthetic experiments recorded in benchmarks/results/noise_scale.md.

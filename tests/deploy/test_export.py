@@ -305,3 +305,25 @@ def test_an_export_that_does_not_match_pytorch_is_refused_and_not_kept(runs, tmp
     with pytest.raises(ExportError, match="differs from PyTorch"):
         export_model(runs("supersimplenet"), tmp_path, exporter="legacy")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_fused_score_with_the_label_probe_exports_and_matches_pytorch(tmp_path, test_images):
+    """A weakly supervised SuperSimpleNet scores by its map and label probe: both in the graph."""
+    from defectscope.models import SuperSimpleNet
+
+    torch.manual_seed(0)
+    model = SuperSimpleNet(backbone="efficientnet_lite0", image_size=64, upscale_factor=1, visualizer=False).eval()
+    model.set_regime("weakly")
+    images = torch.from_numpy(test_images).permute(0, 3, 1, 2).float() / 255
+    x = model.preprocess(images)[0]
+    features = model.extract_features(x)
+    model.fit_feature_statistics(features)
+    model.fit_on_training_features(features, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    model.calibrate(iter([x]))
+    assert model.resolved_image_score == "fused" and model.probe_info["fitted_on"]["defective"] == 2
+    assert float(model.label_probe.linear.weight.abs().sum()) > 0
+    inferencer = load_inferencer(export_model(model, tmp_path, exporter="legacy"))
+    want_scores, want_maps = torch_predict(model, test_images)
+    scores, maps = inferencer.predict(test_images)
+    assert np.abs(scores - want_scores).max() <= TOL and np.abs(maps - want_maps).max() <= TOL
+    assert float(np.std(want_scores)) > 1e-3  # the fused scores differ between images

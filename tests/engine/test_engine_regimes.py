@@ -131,3 +131,37 @@ def test_gradient_clipping_applies_only_when_set_and_supervised(splits, tmp_path
                             lambda *a, **k: calls.append(k["max_norm"]) or original(*a, **k))
         engine.fit(build_model(supervised_grad_clip=clip), data)
         assert (calls and set(calls) == {1.0}) if expected else not calls
+
+
+def test_weakly_supervised_fit_fits_the_label_probe_and_thresholds_the_fused_score(splits, tmp_path):
+    """After the optimizer loop the engine hands the model every training feature and label; the
+    threshold is the rule applied to the fused scores forward gives the held-out good images."""
+    import torch
+
+    from defectscope.data.dataset import AnomalyDataset
+    from defectscope.metrics.threshold import fit_threshold
+
+    train = list(splits[CATEGORIES[0]].train) + _defects(splits, 0, 3)
+    model = build_model()
+    seen = {}
+    original = model.fit_on_training_features
+
+    def spy(features, labels):
+        seen.update(n=len(features), defects=int(labels.sum()), training=model.training)
+        return original(features, labels)
+
+    model.fit_on_training_features = spy
+    engine = make_engine(tmp_path, "probe", max_epochs=1)
+    engine.fit(model, train)
+    assert seen == {"n": 6 + 3, "defects": 3, "training": False}  # 2 of 8 good held out
+    params = json.loads((engine.run_dir / "models" / "0" / "params.json").read_text())
+    assert params["label_probe"]["fitted_on"] == {"good": 6, "defective": 3}
+    assert params["label_probe"]["calibrated_on"] == 2
+    assert model.resolved_image_score == "fused"
+    held_out = [s for s in train if str(s.path) in model.data_info["validation_images"]]
+    dataset = AnomalyDataset(held_out, image_size=model.image_size, mean=model.mean, std=model.std)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    with torch.no_grad():
+        scores = model(images)[1].numpy()
+    expected = fit_threshold([0] * len(scores), scores, max_false_reject=engine.max_false_reject)
+    assert float(model.threshold) == pytest.approx(expected["threshold"], rel=1e-6)

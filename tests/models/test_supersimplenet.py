@@ -150,7 +150,8 @@ def test_noise_is_added_only_inside_the_masks(random_ssn):
 
 
 def test_real_masks_are_kept_and_never_get_synthetic_noise(random_ssn):
-    model = random_ssn(supervised=True).train()
+    # Both heads run (the classifier trains), so the head's input can be recorded.
+    model = random_ssn(supervised=True, train_unused_classifier=True).train()
     features = _features(batch=4, size=8)
     image_masks = torch.zeros(4, 1, 64, 64)
     image_masks[1, :, 8:40, 16:48] = 1  # a real defect in image 1
@@ -415,11 +416,11 @@ def test_image_score_auto_follows_the_training_regime(random_ssn):
     with torch.no_grad():
         maps, scores = model(images)
     torch.testing.assert_close(scores, maps.amax(dim=(1, 2, 3)))
-    for regime, kind in [("weakly", "mean"), ("mixed", "mean"), ("supervised", "mean"), ("unsupervised", "map_max")]:
+    for regime, kind in [("weakly", "fused"), ("mixed", "fused"), ("supervised", "fused"), ("unsupervised", "map_max")]:
         model.set_regime(regime)
         assert model.resolved_image_score == kind, regime
     model.set_regime("weakly")
-    model.image_score = "mean"
+    model.image_score = "fused"
     with torch.no_grad():
         expected = model(images)[1]
     model.image_score = "auto"
@@ -515,13 +516,26 @@ def test_unused_classifier_is_skipped_without_changing_the_map_head(random_ssn):
 
 
 @pytest.mark.parametrize("setting", [dict(image_score="classifier"), dict(image_score="mean"),
-                                     dict(adapt_cls_features=True), dict(supervised=True)])
+                                     dict(train_unused_classifier=True),
+                                     dict(supervised=True, image_score="mean")])
 def test_classifier_is_trained_whenever_its_output_matters(random_ssn, setting):
     assert random_ssn(**setting).trains_classifier
     model = random_ssn(**setting).train()
     assert all(p.requires_grad for p in model.segdec.parameters())
     _, score_logits, _, _, _ = model.training_forward(_features(batch=2, size=8))
     assert score_logits.shape == (4,)
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(adapt_cls_features=True), dict(supervised=True),
+                                     dict(supervised=True, image_score="fused")])
+def test_classifier_is_skipped_when_the_image_score_does_not_use_it(random_ssn, setting):
+    """The default scores (map maximum, fused) never read the classification head, in any variant
+    or regime: it is left out of training and image labels alone do not reach the loss."""
+    model = random_ssn(**setting).train()
+    assert not model.trains_classifier and not model.learns_from_image_labels
+    assert not any(p.requires_grad for p in model.segdec.cls_conv.parameters())
+    _, score_logits, _, _, _ = model.training_forward(_features(batch=2, size=8))
+    assert score_logits is None and model.classifier_skipped
 
 
 def test_a_skipped_classifier_refuses_classifier_scores_and_says_so_after_loading(make_ssn, tmp_path):
@@ -541,9 +555,12 @@ def test_a_skipped_classifier_refuses_classifier_scores_and_says_so_after_loadin
 
 
 def test_classifier_follows_the_regime_and_a_later_image_score(random_ssn):
-    model = random_ssn().train()
+    model = random_ssn(image_score="mean").train()
     model.set_regime("weakly")
     assert all(p.requires_grad for p in model.segdec.cls_fc.parameters())
+    model.image_score = "auto"  # weakly: the fused score, which does not use the classifier
+    model.set_regime("weakly")
+    assert not any(p.requires_grad for p in model.segdec.cls_fc.parameters())
     model.set_regime("unsupervised")
     assert not any(p.requires_grad for p in model.segdec.cls_fc.parameters())
     model.image_score = "classifier"  # asked for after construction, before training
