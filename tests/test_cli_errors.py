@@ -153,6 +153,10 @@ def test_more_devices_than_gpus(capsys, monkeypatch):
     pytest.param(["predict", "--model-path", "m"], ["required", "PATH"], id="predict=missing-inputs"),
     pytest.param(["train", "--epochs"], ["--epochs", "expected one argument"], id="train=option-without-value"),
     pytest.param(["train", "--image-score", "best"], ["invalid choice", "best"], id="train=bad-choice"),
+    pytest.param(["train", "--train-defects", "5", "--defects-per-batch", "8", "--no-progress"],
+                 ["--defects-per-batch 8 leaves no room for good images in a batch of 8", "at most 7"],
+                 id="train=defects-fill-the-batch"),
+    pytest.param(["train", "--defects-per-batch", "-1"], ["--defects-per-batch"], id="train=negative-defects-per-batch"),
 ])
 def test_bad_command_line(argv, words, capsys):
     _assert_clean_error(run_cli(argv), capsys, *words)

@@ -93,10 +93,12 @@ class Engine:
             holds this many of them (drawn in turn from a seeded shuffle, so each is seen equally
             often) beside ``batch_size`` minus that many good images; an epoch is one pass over
             the good images. A few labelled defects among hundreds of good images are otherwise
-            ~5 % of an epoch: ELPV mono, 25 labelled cells, 3 epochs, image AUROC 0.942 by
-            plain shuffling against 0.950 with 2 per batch of 8
-            (benchmarks/results/labels_recipe.md). None: a quarter of the batch (at least 1);
-            0: plain shuffling of all images.
+            ~5 % of an epoch: ELPV mono, 25 labelled cells, 3 epochs, SuperSimpleNet's classifier
+            0.907 and its mean score 0.942 by plain shuffling against 0.921 and 0.950 with 2 per
+            batch of 8 (benchmarks/results/labels_recipe.md). Only defects whose labels reach the
+            loss get the share: those with masks, and image-labelled ones when the model says
+            ``learns_from_image_labels`` (default True); the others are shuffled in with the good
+            images. None: a quarter of the batch (at least 1); 0: plain shuffling of all images.
     """
 
     def __init__(

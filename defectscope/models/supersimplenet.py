@@ -140,8 +140,8 @@ class LabelProbe(nn.Module):
         ``c`` 0.1 (scikit-learn's default is 1): with 5-50 labelled defects in 304 dimensions the
         stronger penalty ranked unseen ELPV defects better at every count on mono (probe alone,
         image AUROC 0.908 / 0.924 / 0.942 / 0.942 at 5 / 10 / 25 / 50 cells against 0.864 / 0.896 /
-        0.935 / 0.933) and at 25-50 on poly (0.882 / 0.868 against 0.855 / 0.853);
-        benchmarks/results/labels_recipe.md."""
+        0.935 / 0.933) and on poly (0.826 / 0.833 / 0.882 / 0.868 against 0.801 / 0.759 / 0.855 /
+        0.852); benchmarks/results/labels_recipe.md."""
         x = pooled.detach().double()
         y = labels.detach().double().reshape(-1)
         w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
