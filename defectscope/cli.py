@@ -493,6 +493,22 @@ def _engine(args, run_name=None, results_path=None, project=None, group=None, ep
     )
 
 
+def default_epochs(model, n_train: int, args) -> int:
+    """Epochs when --epochs is not given: the model's ``default_epochs``, raised so that training
+    takes at least the model's ``min_default_steps`` optimizer steps (a small training set gives
+    few steps per epoch), after the threshold hold-out (--val-fraction)."""
+    import math
+
+    epochs = int(getattr(model, "default_epochs", DEMO_EPOCHS))
+    min_steps = getattr(model, "min_default_steps", None)
+    if not min_steps:
+        return epochs
+    batch = args.batch_size or (getattr(model, "max_batch_size", None) or 8)
+    trained = max(1, n_train - round(n_train * getattr(args, "val_fraction", 0.2)))
+    steps_per_epoch = max(1, trained // batch)
+    return max(epochs, math.ceil(min_steps / steps_per_epoch))
+
+
 def _defects_per_batch(args, batch_size: int) -> int | None:
     value = getattr(args, "defects_per_batch", None)
     if value is not None and value >= batch_size:
@@ -616,7 +632,8 @@ def cmd_train(args) -> int:
     from defectscope.models import MODELS, create_model, model_key
 
     args.image_size = _image_size_option(args.image_size, args.model)
-    if args.epochs is None:  # the model's own default (SuperSimpleNet: 10), else the demo's 3
+    epochs_given = args.epochs is not None
+    if not epochs_given:  # the model's own default (SuperSimpleNet: 10, more on small sets), else the demo's 3
         args.epochs = getattr(MODELS.get(model_key(args.model)), "default_epochs", DEMO_EPOCHS)
     _check_tile_options(args)
     if model_key(args.model) == "simplenet":
@@ -657,7 +674,8 @@ def cmd_train(args) -> int:
             _check_test_images(model, split)
         built.append(model)
     for index, ((category, split), model) in enumerate(zip(splits, built)):
-        engine = _engine(args, run_name=run_name, epochs=args.epochs,
+        epochs = args.epochs if epochs_given else default_epochs(model, len(split.train), args)
+        engine = _engine(args, run_name=run_name, epochs=epochs,
                          data_info={**settings, "category": category}, model=model)
         engine.model_index = index
         run_dir = engine.run_dir

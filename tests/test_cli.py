@@ -428,3 +428,23 @@ def test_defects_moved_into_training_are_not_tested_again(data_root, tmp_path, c
                     CATEGORY, "--no-images", *FAST]) == 0
     assert f"{len(moved)} test image(s) were used in training" in capsys.readouterr().out
     assert int(read_csv(run_dir / "results.csv")[-1]["n_test"]) == n_test_files - len(moved)
+
+
+def test_default_epochs_give_small_training_sets_a_minimum_number_of_steps():
+    from types import SimpleNamespace
+
+    from defectscope.cli import DEMO_EPOCHS, default_epochs
+    from defectscope.models import SuperSimpleNet
+
+    args = SimpleNamespace(batch_size=None, val_fraction=0.2)
+    ssn = SimpleNamespace(default_epochs=SuperSimpleNet.default_epochs, min_default_steps=SuperSimpleNet.min_default_steps)
+    assert (ssn.default_epochs, ssn.min_default_steps) == (10, 400)
+    # ELPV mono: 441 cells, 353 after the hold-out, 44 steps of 8 an epoch: the 10 epochs are enough.
+    assert default_epochs(ssn, 441, args) == 10
+    # 40 images: 32 trained, 4 steps an epoch -> 100 epochs for 400 steps.
+    assert default_epochs(ssn, 40, args) == 100
+    assert default_epochs(ssn, 40, SimpleNamespace(batch_size=16, val_fraction=0.2)) == 200
+    assert default_epochs(ssn, 40, SimpleNamespace(batch_size=None, val_fraction=0.0)) == 80
+    # A model without a step minimum keeps its epochs; one without a default gets the demo's.
+    assert default_epochs(SimpleNamespace(default_epochs=7), 40, args) == 7
+    assert default_epochs(SimpleNamespace(), 40, args) == DEMO_EPOCHS

@@ -1,0 +1,363 @@
+"""Each model's default recipe against a nearest-neighbour floor on the broadened synthetic set.
+
+Run by hand (not in CI):
+    python benchmarks/floor_synthetic.py [--models supersimplenet simplenet stfpm efficientad]
+        [--categories grass gravel fabric] [--seeds 0] [--threads 1] [--image-size S]
+        [--teacher FILE] [--quick] [--report-only]
+
+Data: one generated MVTec-layout category per texture (``make_synthetic_mvtec``, data seed 0, the
+same images for every model and training seed): 40 good training images, 20 good + 40 defective
+test images, 128 px, every defect kind of the broadened generator (scratch, stain, hole, thin
+crack, flat foreign patch, soft smudge). Default textures: the stochastic natural ``grass`` and
+``gravel`` and the default ``fabric``.
+
+Models: ``defectscope train`` (in-process CLI) with each model's default recipe: its own default
+epochs (SuperSimpleNet 10, the others 3), backbone, image size (256 unless ``--image-size``),
+learning rates; ``--no-images``. EfficientAD needs a PDN teacher: ``--teacher`` (default: the
+Lite0-distilled PDN-S the earlier student benchmarks used, /tmp/efficientad_teacher/teacher_s_lite0.pth;
+make one with ``defectscope distill-teacher --model-size s --output FILE``, about 15 min on 2 cores).
+Without one, leave efficientad out of ``--models``.
+
+Per-image test scores: the trained model reloaded with ``load_model`` and ``model.predict(path)``.
+
+NN floor, per model, over that model's own frozen part on that model's own pre-processed input
+(no training): the training images' patch features are the memory bank; a test image's score is
+the largest distance from one of its patches to its nearest bank patch.
+- supersimplenet: ``model.extract_features`` (EfficientNet-Lite0 blocks.2 + blocks.4, 3x3
+  neighbourhood average, upscale factor 1).
+- simplenet: ``model.extract_features`` (its backbone's layers, patch-aggregated and
+  average-pooled to the target embedding, as its discriminator sees them).
+- stfpm: the teacher's maps (resnet18 layer1-3, or the packaged Lite0 fallback offline), each
+  L2-normalised over channels as STFPM compares them, upsampled to the finest map and concatenated.
+- efficientad: the PDN teacher's output, standardised with the channel mean / std the model
+  fitted on its training images.
+``--bank N`` caps the memory bank at N random training patches (0: all; the default 50,000 keeps
+every patch of the Lite0 / ResNet models at 256 px and subsamples EfficientAD's finer grid).
+
+Paired bootstrap: 2,000 rounds; the good and the defective test images are resampled apart with
+replacement; per round the model's image AUROC (mean over training seeds) minus the floor's on the
+same resample. Reported: mean difference, 95 % interval, share of rounds with the model below.
+
+Writes benchmarks/results/floor_synthetic.md and appends one JSON line per (category, model,
+seed) to benchmarks/results/floor_synthetic_runs.jsonl (scores included), so an interrupted run
+resumes and ``--report-only`` rebuilds the report. ``--quick`` (8 training images, 1 epoch)
+smoke-tests the whole path and writes floor_synthetic_quick.{md,jsonl} instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = ("supersimplenet", "simplenet", "stfpm", "efficientad")
+CATEGORIES = ("grass", "gravel", "fabric")
+DEFAULT_TEACHER = "/tmp/efficientad_teacher/teacher_s_lite0.pth"
+FLOOR_FEATURES = {
+    "supersimplenet": "model.extract_features (Lite0 blocks.2+4, 3x3 avg)",
+    "simplenet": "model.extract_features (aggregated, pooled to target dim)",
+    "stfpm": "teacher maps, channel-L2-normalised, upsampled + concatenated",
+    "efficientad": "PDN teacher output, standardised by the model's fitted mean/std",
+}
+
+
+# ---- data ---------------------------------------------------------------------------------
+def make_data(root: Path, category: str, args) -> None:
+    from defectscope.data import make_synthetic_mvtec
+    from defectscope.data.synthetic import ALL_DEFECT_TYPES
+
+    make_synthetic_mvtec(root, category=category, image_size=128, n_train=args.n_train,
+                         n_test_good=args.n_test_good, n_test_defect=args.n_test_defect, seed=0,
+                         textures=(category,), defect_kinds=ALL_DEFECT_TYPES)
+
+
+# ---- NN floor -----------------------------------------------------------------------------
+@torch.inference_mode()
+def floor_patches(model, key: str, x: torch.Tensor) -> torch.Tensor:
+    """Pre-processed images ``[B,3,H,W]`` -> the model's frozen patch features ``[B, h*w, C]``."""
+    import torch.nn.functional as F
+
+    if key in ("supersimplenet", "simplenet"):
+        f = model.extract_features(x)
+    elif key == "stfpm":
+        maps = list(model.feature_extractor(model.roi_images(x)).values())
+        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+        f = torch.cat([F.interpolate(F.normalize(m.float(), dim=1), size=tuple(size), mode="bilinear",
+                                     align_corners=False) for m in maps], dim=1)
+    elif key == "efficientad":
+        f = model._teacher_standardized(model.extract_features(x).float())
+    else:
+        raise ValueError(key)
+    f = f.float()
+    if f.dim() != 4:
+        raise ValueError(f"{key}: expected patch features [B,C,h,w], got {tuple(f.shape)}")
+    return f.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1])
+
+
+def features_of(model, key: str, samples, batch: int = 8) -> list[torch.Tensor]:
+    out = []
+    for i in range(0, len(samples), batch):
+        x = torch.cat([model.preprocess(s.path)[0] for s in samples[i:i + batch]])
+        out.extend(floor_patches(model, key, x))
+    return out
+
+
+def nn_floor(model, key: str, split, bank_size: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    was_training = model.training
+    model.eval()
+    try:
+        train = torch.cat(features_of(model, key, [s for s in split.train if s.label == 0]))
+        test = features_of(model, key, split.test)
+    finally:
+        model.train(was_training)
+    total = len(train)
+    if bank_size and bank_size < total:
+        train = train[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:bank_size]]
+    scores = []
+    for patches in test:
+        nearest = torch.full((len(patches),), float("inf"))
+        for start in range(0, len(train), 8192):
+            nearest = torch.minimum(nearest, torch.cdist(patches, train[start:start + 8192]).amin(dim=1))
+        scores.append(nearest.amax().item())
+    info = {"bank": len(train), "patches": total, "patches_per_image": len(test[0]), "channels": train.shape[1]}
+    return np.asarray(scores), info
+
+
+# ---- one run ------------------------------------------------------------------------------
+def train_one(args, data_root: Path, category: str, key: str, seed: int, work: Path) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    from defectscope.cli import main as cli
+    from defectscope.data import mvtec_split
+    from defectscope.models import load_model
+
+    run_name = f"{category}_{key}_s{seed}"
+    results_path = work / "runs"
+    argv = ["train", "--model", key, "--data", "mvtec", "--data-path", str(data_root), "--category", category,
+            "--results-path", str(results_path), "--run-name", run_name, "--no-images", "--no-progress",
+            "--seed", str(seed), "--no-resume"]
+    if args.image_size:
+        argv += ["--image-size", str(args.image_size)]
+    if args.quick:
+        argv += ["--epochs", "1"]
+    if key == "efficientad":
+        argv += ["--teacher-weights", args.teacher]
+    started = time.time()
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            rc = cli(argv)
+    except BaseException:
+        sys.stdout.write(log.getvalue())
+        raise
+    seconds = time.time() - started
+    if rc:
+        sys.stdout.write(log.getvalue())
+        raise RuntimeError(f"defectscope {' '.join(argv)} exited with {rc}")
+    run_dir = results_path / "defectscope" / "mvtec" / run_name
+    with open(run_dir / "results.csv") as fh:
+        row = next(r for r in csv.DictReader(fh) if r.get("category") == category)
+
+    split = mvtec_split(data_root, category)
+    model = load_model(run_dir)
+    started_scores = time.time()
+    scores = np.asarray([float(model.predict(s.path)[0]) for s in split.test])
+    labels = [int(s.label) for s in split.test]
+    score_seconds = time.time() - started_scores
+    started_floor = time.time()
+    floor, floor_info = nn_floor(model, key, split, args.bank)
+    floor_seconds = time.time() - started_floor
+    params = model.params()
+
+    def metric(name):
+        value = row.get(name)
+        return float(value) if value not in (None, "", "nan") else None
+
+    return {
+        "category": category, "model": key, "seed": seed, "quick": bool(args.quick),
+        "image_size": args.image_size, "n_train": args.n_train, "n_test_good": args.n_test_good,
+        "n_test_defect": args.n_test_defect, "epochs": 1 if args.quick else None,
+        "image_auroc": metric("image_auroc"), "pixel_auroc": metric("pixel_auroc"), "aupro": metric("aupro"),
+        "image_auroc_predict": float(roc_auc_score(labels, scores)),
+        "floor_image_auroc": float(roc_auc_score(labels, floor)),
+        "seconds": round(seconds, 1), "score_seconds": round(score_seconds, 1),
+        "floor_seconds": round(floor_seconds, 1),
+        "backbone": params["hparams"].get("backbone"), "layers": params["hparams"].get("layers"),
+        "backbone_fallback": params.get("backbone_fallback"), "trained_epochs": params["training"].get("epochs"),
+        "model_image_size": list(model.image_size) if isinstance(model.image_size, (tuple, list)) else model.image_size,
+        "floor_features": FLOOR_FEATURES[key], "floor_info": floor_info,
+        "teacher": args.teacher if key == "efficientad" else None,
+        "paths": [Path(s.path).relative_to(data_root).as_posix() for s in split.test],
+        "labels": labels, "scores": [float(v) for v in scores], "floor_scores": [float(v) for v in floor],
+    }
+
+
+# ---- bootstrap and report -----------------------------------------------------------------
+def paired_bootstrap(labels, model_scores: list, other, rounds: int = 2000, seed: int = 0):
+    """As benchmarks/elpv_labelled.py: resample the good and the defective test images apart with
+    replacement; per round, the mean over seeds of the model's image AUROC minus the other score's.
+    Returns (mean, 2.5 %, 97.5 %, share of rounds where the model is below)."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    rng = np.random.default_rng(seed)
+    model_scores = [np.asarray(s) for s in model_scores]
+    other = np.asarray(other)
+    diffs = []
+    for _ in range(rounds):
+        idx = np.concatenate([rng.choice(good, len(good)), rng.choice(bad, len(bad))])
+        y = labels[idx]
+        diffs.append(np.mean([roc_auc_score(y, s[idx]) for s in model_scores]) - roc_auc_score(y, other[idx]))
+    diffs = np.asarray(diffs)
+    return float(diffs.mean()), float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975)), float((diffs < 0).mean())
+
+
+def _same_config(r: dict, args) -> bool:
+    return (r.get("quick") == bool(args.quick) and r.get("image_size") == args.image_size
+            and r.get("n_train") == args.n_train and r.get("n_test_good") == args.n_test_good
+            and r.get("n_test_defect") == args.n_test_defect)
+
+
+def load_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _summary(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def write_report(args, runs: list[dict], path: Path, command: str) -> None:
+    runs = [r for r in runs if _same_config(r, args) and r["model"] in args.models
+            and r["category"] in args.categories and r["seed"] in args.seeds]
+    lines = [
+        f"# Default recipes against a nearest-neighbour floor, broadened synthetic set ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Command: `{command}` ({args.threads} thread{'s' if args.threads != 1 else ''}).",
+        "",
+        (f"Data: `make_synthetic_mvtec`, data seed 0, 128 px, texture = category, every defect kind "
+         f"(scratch, stain, hole, crack, patch, smudge); {args.n_train} good training images, "
+         f"{args.n_test_good} good + {args.n_test_defect} defective test images."
+         + (" **Quick smoke run (1 epoch): not a result.**" if args.quick else "")),
+        ("Models: `defectscope train` with each model's defaults (SuperSimpleNet 10 epochs, the others 3; "
+         f"image size {args.image_size or 'the default 256'}). Metrics: the run's results.csv, mean "
+         "(min-max) over training seeds."),
+        ("NN floor: the model's own frozen features on its own input (column 'floor features'); memory bank = "
+         "patches of all good training images (the model itself trains on 80 % and calibrates on 20 % of them; "
+         f"`--bank` {args.bank or 'all'}); image score = max over patches of the distance to the nearest bank patch."),
+        (f"Bootstrap: {args.rounds} rounds, good and defective test images resampled apart; diff = image AUROC "
+         "(from `model.predict`, mean over seeds) minus the floor's; 95 % interval; share of rounds below the floor."),
+        "",
+    ]
+    for category in args.categories:
+        rows = [r for r in runs if r["category"] == category]
+        if not rows:
+            continue
+        lines += [f"## {category}", "",
+                  ("| model | backbone | seeds | image AUROC | pixel AUROC | AUPRO | NN floor image AUROC | "
+                   "diff (model - floor) [95 % CI] | share below | seconds (train+test) | seconds (floor) | "
+                   "floor features |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for key in args.models:
+            mine = sorted((r for r in rows if r["model"] == key), key=lambda r: r["seed"])
+            if not mine:
+                continue
+            if any(r["labels"] != mine[0]["labels"] or r["paths"] != mine[0]["paths"] for r in mine):
+                raise ValueError(f"{category}/{key}: test images differ between seeds")
+            mean, low, high, below = paired_bootstrap(mine[0]["labels"], [r["scores"] for r in mine],
+                                                      mine[0]["floor_scores"], rounds=args.rounds)
+            backbone = f"{mine[0]['backbone'] or '-'} {'+'.join(mine[0].get('layers') or [])}".strip()
+            if mine[0].get("backbone_fallback"):
+                backbone += " (offline fallback)"
+            info = mine[0]["floor_info"]
+            lines.append(
+                f"| {key} | {backbone} | {len(mine)} | {_summary([r['image_auroc'] for r in mine])} | "
+                f"{_summary([r['pixel_auroc'] for r in mine])} | {_summary([r['aupro'] for r in mine])} | "
+                f"{_summary([r['floor_image_auroc'] for r in mine])} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | "
+                f"{below:.2f} | {np.mean([r['seconds'] for r in mine]):.0f} | {mine[0]['floor_seconds']:.0f} | "
+                f"{mine[0]['floor_features']}; {info['patches_per_image']} patches x {info['channels']} ch, "
+                f"bank {info['bank']} |")
+        mismatch = [r for r in rows if r["image_auroc"] is not None
+                    and abs(r["image_auroc"] - r["image_auroc_predict"]) > 1e-3]
+        if mismatch:
+            lines += ["", "Note: image AUROC from `model.predict` differs from results.csv for "
+                      + ", ".join(f"{r['model']} seed {r['seed']} ({r['image_auroc_predict']:.3f})" for r in mismatch)
+                      + "; the bootstrap uses the predict scores."]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--categories", nargs="+", default=list(CATEGORIES),
+                    help="textures: fabric, wood, stone, grass, gravel (one category each)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    ap.add_argument("--image-size", type=int, default=None, help="model input; None: the models' default")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--teacher", default=DEFAULT_TEACHER, help="EfficientAD's PDN-S teacher file")
+    ap.add_argument("--bank", type=int, default=50000, help="memory-bank patches (0: every training patch)")
+    ap.add_argument("--rounds", type=int, default=2000, help="bootstrap rounds")
+    ap.add_argument("--n-train", type=int, default=40)
+    ap.add_argument("--n-test-good", type=int, default=20)
+    ap.add_argument("--n-test-defect", type=int, default=40)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 8 training images, 1 epoch, own output files")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from the runs file")
+    ap.add_argument("--work", default=None, help="folder for data and run folders (default: a temporary one, removed)")
+    args = ap.parse_args()
+    if args.quick:
+        args.n_train = 8
+    torch.set_num_threads(args.threads)
+    stem = "floor_synthetic_quick" if args.quick else "floor_synthetic"
+    runs_file, report = RESULTS / f"{stem}_runs.jsonl", RESULTS / f"{stem}.md"
+    command = "python benchmarks/floor_synthetic.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
+    RESULTS.mkdir(exist_ok=True)
+    if not args.report_only:
+        if "efficientad" in args.models and not Path(args.teacher).is_file():
+            sys.exit(f"EfficientAD needs a PDN-S teacher and {args.teacher} does not exist. Fix: pass --teacher FILE "
+                     "(e.g. made by `defectscope distill-teacher --model-size s --output FILE`, ~15 min), "
+                     "or leave efficientad out of --models.")
+        done = {(r["category"], r["model"], r["seed"]) for r in load_runs(runs_file) if _same_config(r, args)}
+        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="floor_synthetic_"))
+        try:
+            for category in args.categories:
+                todo = [(k, s) for k in args.models for s in args.seeds if (category, k, s) not in done]
+                if not todo:
+                    continue
+                data_root = work / "data"
+                make_data(data_root, category, args)
+                for key, seed in todo:
+                    print(f"[{category}] {key} seed {seed} ...", flush=True)
+                    result = train_one(args, data_root, category, key, seed, work)
+                    with open(runs_file, "a") as fh:
+                        fh.write(json.dumps(result) + "\n")
+                    print(f"[{category}] {key} seed {seed}: image {result['image_auroc']} pixel {result['pixel_auroc']} "
+                          f"aupro {result['aupro']} floor {result['floor_image_auroc']:.3f} "
+                          f"({result['seconds']:.0f} s + floor {result['floor_seconds']:.0f} s)", flush=True)
+        finally:
+            if not args.work:
+                shutil.rmtree(work, ignore_errors=True)
+    write_report(args, load_runs(runs_file), report, command)
+
+
+if __name__ == "__main__":
+    main()
