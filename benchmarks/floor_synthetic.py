@@ -257,7 +257,7 @@ def write_report(args, runs: list[dict], path: Path, command: str) -> None:
          f"(scratch, stain, hole, crack, patch, smudge); {args.n_train} good training images, "
          f"{args.n_test_good} good + {args.n_test_defect} defective test images."
          + (" **Quick smoke run (1 epoch): not a result.**" if args.quick else "")),
-        ("Models: `defectscope train` with each model's defaults (SuperSimpleNet 10 epochs, the others 3; "
+        ("Models: `defectscope train` with each model's defaults (SuperSimpleNet 10 epochs and at least 400 steps, here 100 epochs, the others 3; "
          f"image size {args.image_size or 'the default 256'}). Metrics: the run's results.csv, mean "
          "(min-max) over training seeds."),
         ("NN floor: the model's own frozen features on its own input (column 'floor features'); memory bank = "
