@@ -164,20 +164,22 @@ def raw_scores(model, feats: torch.Tensor) -> dict:
     return {k: torch.cat(v).numpy() for k, v in out.items() if v}
 
 
+def _pooled(model, features: torch.Tensor) -> np.ndarray:
+    """Mean- and max-pooled features standardised by the model's own standardiser, [N, 2C]."""
+    f = model._standardize(features).float()
+    return torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], 1).detach().numpy()
+
+
 def probe_scores(model, data, count: int) -> tuple[np.ndarray, np.ndarray] | None:
     """A logistic probe on mean- and max-pooled standardised features (the model's own
     standardiser), fitted on the training good cells and the labelled ones; (test, held-out) scores."""
     if not count:
         return None
 
-    def pooled(f):
-        f = model._standardize(f).float()
-        return torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], 1).detach().numpy()
-
-    x = np.concatenate([pooled(data["train"]), pooled(data["pool"][:count])])
+    x = np.concatenate([_pooled(model, data["train"]), _pooled(model, data["pool"][:count])])
     y = np.r_[np.zeros(len(data["train"])), np.ones(count)]
     probe = LogisticRegression(C=0.1, max_iter=5000).fit(x, y)
-    return probe.decision_function(pooled(data["test"])), probe.decision_function(pooled(data["held"]))
+    return probe.decision_function(_pooled(model, data["test"])), probe.decision_function(_pooled(model, data["held"]))
 
 
 @torch.inference_mode()
@@ -211,11 +213,7 @@ def head_probe_scores(model, data, count: int):
 def probe_cv(model, data, count: int, folds: int = 5) -> np.ndarray:
     """Each labelled defect scored by a probe fitted without it (k folds over the defects; all
     good cells in every fit): an honest estimate of how far the probe puts unseen defects."""
-    def pooled(f):
-        f = model._standardize(f).float()
-        return torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], 1).detach().numpy()
-
-    good, defects = pooled(data["train"]), pooled(data["pool"][:count])
+    good, defects = _pooled(model, data["train"]), _pooled(model, data["pool"][:count])
     out = np.zeros(count)
     for k in range(min(folds, count)):
         test = np.arange(count) % min(folds, count) == k

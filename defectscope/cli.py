@@ -476,8 +476,7 @@ def _engine(args, run_name=None, results_path=None, project=None, group=None, ep
             model=None):
     from defectscope.engine import Engine
 
-    # None: 8, or the batch size the model trains at when it allows only one.
-    batch_size = args.batch_size or (getattr(model, "max_batch_size", None) or 8)
+    batch_size = _batch_size(args, model)
 
     devices = args.devices if args.devices == "auto" else int(args.devices)
     return Engine(
@@ -493,6 +492,11 @@ def _engine(args, run_name=None, results_path=None, project=None, group=None, ep
     )
 
 
+def _batch_size(args, model) -> int:
+    """--batch-size, else 8, or the batch size the model trains at when it allows only one."""
+    return args.batch_size or (getattr(model, "max_batch_size", None) or 8)
+
+
 def default_epochs(model, n_train: int, args) -> int:
     """Epochs when --epochs is not given: the model's ``default_epochs``, raised so that training
     takes at least the model's ``min_default_steps`` optimizer steps (a small training set gives
@@ -503,9 +507,8 @@ def default_epochs(model, n_train: int, args) -> int:
     min_steps = getattr(model, "min_default_steps", None)
     if not min_steps:
         return epochs
-    batch = args.batch_size or (getattr(model, "max_batch_size", None) or 8)
     trained = max(1, n_train - round(n_train * getattr(args, "val_fraction", 0.2)))
-    steps_per_epoch = max(1, trained // batch)
+    steps_per_epoch = max(1, trained // _batch_size(args, model))
     return max(epochs, math.ceil(min_steps / steps_per_epoch))
 
 
@@ -629,16 +632,15 @@ def _check_tile_options(args) -> None:
 def cmd_train(args) -> int:
     import torch
 
-    from defectscope.models import MODELS, create_model, model_key
+    from defectscope.models import create_model, model_key
 
     args.image_size = _image_size_option(args.image_size, args.model)
-    epochs_given = args.epochs is not None
-    if not epochs_given:  # the model's own default (SuperSimpleNet: 10, more on small sets), else the demo's 3
-        args.epochs = getattr(MODELS.get(model_key(args.model)), "default_epochs", DEMO_EPOCHS)
     _check_tile_options(args)
     if model_key(args.model) == "simplenet":
         from defectscope.cli_simplenet import train_from_args
 
+        if args.epochs is None:  # SimpleNet's meta-epochs: the demo's 3
+            args.epochs = DEMO_EPOCHS
         return train_from_args(args)
 
     from defectscope.data import summarise
@@ -674,7 +676,8 @@ def cmd_train(args) -> int:
             _check_test_images(model, split)
         built.append(model)
     for index, ((category, split), model) in enumerate(zip(splits, built)):
-        epochs = args.epochs if epochs_given else default_epochs(model, len(split.train), args)
+        # Without --epochs: the model's own default (SuperSimpleNet: 10, more on small sets).
+        epochs = args.epochs if args.epochs is not None else default_epochs(model, len(split.train), args)
         engine = _engine(args, run_name=run_name, epochs=epochs,
                          data_info={**settings, "category": category}, model=model)
         engine.model_index = index
@@ -1140,10 +1143,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         check_args(args)
         from defectscope.cli_export import cmd_export
-        from defectscope.cli_serve import cmd_serve
 
-        handlers = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "export": cmd_export,
-                    "serve": cmd_serve}
+        # ("serve" was handed to cli_serve.main above, with its own parser.)
+        handlers = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}
         with notices_printed(), image_settings(getattr(args, "wide_range", None), getattr(args, "max_pixels", None)):
             return handlers[args.command](args)
     except (Exception, KeyboardInterrupt) as err:

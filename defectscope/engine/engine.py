@@ -395,7 +395,7 @@ class Engine:
         chosen = labels > 0 if balanced is None else (labels > 0) & balanced
         defects = chosen.nonzero().squeeze(1)
         share = self.defects_per_batch if len(defects) else 0
-        if not share or share >= self.batch_size or len(defects) == len(labels):
+        if not share or len(defects) == len(labels):
             order = torch.randperm(len(labels), generator=generator)
             order = order[: len(order) // world * world][rank::world]
             return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]

@@ -113,8 +113,7 @@ class LabelProbe(nn.Module):
     Fitted once after training by L-BFGS on the training images' image labels (:meth:`fit`), not
     by the optimizer: a few dozen labelled defects among hundreds of good images give SGD a few
     hundred noisy steps in a short schedule, while the convex fit converges exactly. Its loss is
-    scikit-learn's ``LogisticRegression()`` default (L2 with C = 1, intercept not penalised);
-    tests compare the two.
+    scikit-learn's ``LogisticRegression(C=0.1)`` (L2, intercept not penalised); tests compare the two.
     """
 
     def __init__(self, channels: int) -> None:
@@ -558,21 +557,15 @@ class SuperSimpleNet(AnomalyModel):
         if not self.supervised or int(labels.sum()) < 2:
             self.probe_info = {}
             return
-        pooled, map_max = [], []
-        size = tuple(self.image_size)
         device = self.fusion.device
-        for start in range(0, len(features), 64):
-            feats = features[start:start + 64].to(device, torch.float32)
-            pooled.append(LabelProbe.pool(self._standardize(feats)).float().cpu())
-            if bool(labels[start:start + 64].any()):
-                _, parts = self._map_and_parts(feats, size)
-                map_max.append(parts[:, 0].cpu())
-            else:
-                map_max.append(torch.full((len(feats),), float("nan")))
-        pooled, map_max = torch.cat(pooled), torch.cat(map_max)
+        pooled = torch.cat([LabelProbe.pool(self._standardize(features[start:start + 64].to(device, torch.float32)))
+                            .float().cpu() for start in range(0, len(features), 64)])
         self.label_probe.fit(pooled, labels)
-        self.label_probe.to(device)
         defects = labels.nonzero().squeeze(1)
+        # The map's part for the labelled defects only (their map-maximum logits).
+        map_max = torch.cat([self._map_and_parts(features[defects[start:start + 64]].to(device, torch.float32),
+                                                 tuple(self.image_size))[1][:, 0].cpu()
+                             for start in range(0, len(defects), 64)])
         folds = min(5, len(defects))
         unseen = torch.empty(len(defects), dtype=torch.float64)
         for k in range(folds):
@@ -580,7 +573,7 @@ class SuperSimpleNet(AnomalyModel):
             held[defects[k::folds]] = True
             weight, bias = LabelProbe.solve(pooled[~held], labels[~held])
             unseen[k::folds] = pooled[defects[k::folds]].double() @ weight + bias
-        self._defect_parts = torch.stack((map_max[defects].double(), unseen), dim=1)
+        self._defect_parts = torch.stack((map_max.double(), unseen), dim=1)
         self.probe_info = {"fitted_on": {"good": int((labels == 0).sum()), "defective": len(defects)},
                            "folds": folds}
 
@@ -614,7 +607,7 @@ class SuperSimpleNet(AnomalyModel):
     # ---- inference --------------------------------------------------------------------
     @property
     def resolved_image_score(self) -> str:
-        """``classifier``, ``map_max`` or ``mean``: what ``image_score`` means for this model."""
+        """``classifier``, ``map_max``, ``mean`` or ``fused``: what ``image_score`` means for this model."""
         if self.image_score == "auto":
             return "fused" if self.supervised else "map_max"
         return self.image_score
