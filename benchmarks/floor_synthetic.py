@@ -139,12 +139,13 @@ def train_one(args, data_root: Path, category: str, key: str, seed: int, work: P
     from sklearn.metrics import roc_auc_score
 
     from defectscope.cli import main as cli
-    from defectscope.data import mvtec_split
+    from defectscope.data import elpv_split, mvtec_split
     from defectscope.models import load_model
 
     run_name = f"{category}_{key}_s{seed}"
     results_path = work / "runs"
-    argv = ["train", "--model", key, "--data", "mvtec", "--data-path", str(data_root), "--category", category,
+    data_args = (["--data", "elpv"] if args.data == "elpv" else ["--data", "mvtec", "--data-path", str(data_root)])
+    argv = ["train", "--model", key, *data_args, "--category", category,
             "--results-path", str(results_path), "--run-name", run_name, "--no-images", "--no-progress",
             "--seed", str(seed), "--no-resume"]
     if args.image_size:
@@ -165,11 +166,11 @@ def train_one(args, data_root: Path, category: str, key: str, seed: int, work: P
     if rc:
         sys.stdout.write(log.getvalue())
         raise RuntimeError(f"defectscope {' '.join(argv)} exited with {rc}")
-    run_dir = results_path / "defectscope" / "mvtec" / run_name
+    run_dir = results_path / "defectscope" / args.data_group / run_name
     with open(run_dir / "results.csv") as fh:
         row = next(r for r in csv.DictReader(fh) if r.get("category") == category)
 
-    split = mvtec_split(data_root, category)
+    split = elpv_split(category, seed=0) if args.data == "elpv" else mvtec_split(data_root, category)
     model = load_model(run_dir)
     started_scores = time.time()
     scores = np.asarray([float(model.predict(s.path)[0]) for s in split.test])
@@ -198,7 +199,9 @@ def train_one(args, data_root: Path, category: str, key: str, seed: int, work: P
         "model_image_size": list(model.image_size) if isinstance(model.image_size, (tuple, list)) else model.image_size,
         "floor_features": FLOOR_FEATURES[key], "floor_info": floor_info,
         "teacher": args.teacher if key == "efficientad" else None,
-        "paths": [Path(s.path).relative_to(data_root).as_posix() for s in split.test],
+        "data": args.data,
+        "paths": [Path(s.path).relative_to(data_root).as_posix() if args.data != "elpv" else Path(s.path).name
+                  for s in split.test],
         "labels": labels, "scores": [float(v) for v in scores], "floor_scores": [float(v) for v in floor],
     }
 
@@ -225,7 +228,9 @@ def paired_bootstrap(labels, model_scores: list, other, rounds: int = 2000, seed
 
 
 def _same_config(r: dict, args) -> bool:
-    return (r.get("quick") == bool(args.quick) and r.get("image_size") == args.image_size
+    if args.data == "elpv":
+        return r.get("data") == "elpv" and r.get("image_size") == args.image_size
+    return (r.get("data", "synthetic") == "synthetic" and r.get("quick") == bool(args.quick) and r.get("image_size") == args.image_size
             and r.get("n_train") == args.n_train and r.get("n_test_good") == args.n_test_good
             and r.get("n_test_defect") == args.n_test_defect)
 
@@ -249,15 +254,20 @@ def write_report(args, runs: list[dict], path: Path, command: str) -> None:
     runs = [r for r in runs if _same_config(r, args) and r["model"] in args.models
             and r["category"] in args.categories and r["seed"] in args.seeds]
     lines = [
-        f"# Default recipes against a nearest-neighbour floor, broadened synthetic set ({time.strftime('%Y-%m-%d')})",
+        (f"# Default recipes against a nearest-neighbour floor, "
+         f"{'ELPV (demo split)' if args.data == 'elpv' else 'broadened synthetic set'} ({time.strftime('%Y-%m-%d')})"),
         "",
         f"Command: `{command}` ({args.threads} thread{'s' if args.threads != 1 else ''}).",
         "",
-        (f"Data: `make_synthetic_mvtec`, data seed 0, 128 px, texture = category, every defect kind "
+        ("Data: the packaged ELPV cells, the demo's split (split seed 0): mono 441 training / 410 test cells, "
+         "poly 690 / 582." if args.data == "elpv" else
+         f"Data: `make_synthetic_mvtec`, data seed 0, 128 px, texture = category, every defect kind "
          f"(scratch, stain, hole, crack, patch, smudge); {args.n_train} good training images, "
          f"{args.n_test_good} good + {args.n_test_defect} defective test images."
          + (" **Quick smoke run (1 epoch): not a result.**" if args.quick else "")),
-        ("Models: `defectscope train` with each model's defaults (SuperSimpleNet 10 epochs and at least 400 steps, here 100 epochs, the others 3; "
+        ("Models: `defectscope train` with each model's defaults (SuperSimpleNet 10 epochs, STFPM and SimpleNet 3, "
+         "EfficientAD 3, each raised to the model's minimum of optimizer steps where it has one, see the column "
+         "'epochs'; "
          f"image size {args.image_size or 'the default 256'}). Metrics: the run's results.csv, mean "
          "(min-max) over training seeds."),
         ("NN floor: the model's own frozen features on its own input (column 'floor features'); memory bank = "
@@ -273,9 +283,9 @@ def write_report(args, runs: list[dict], path: Path, command: str) -> None:
             continue
         lines += [f"## {category}", "",
                   ("| model | backbone | seeds | image AUROC | pixel AUROC | AUPRO | NN floor image AUROC | "
-                   "diff (model - floor) [95 % CI] | share below | seconds (train+test) | seconds (floor) | "
+                   "diff (model - floor) [95 % CI] | share below | epochs | seconds (train+test) | seconds (floor) | "
                    "floor features |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in args.models:
             mine = sorted((r for r in rows if r["model"] == key), key=lambda r: r["seed"])
             if not mine:
@@ -292,7 +302,7 @@ def write_report(args, runs: list[dict], path: Path, command: str) -> None:
                 f"| {key} | {backbone} | {len(mine)} | {_summary([r['image_auroc'] for r in mine])} | "
                 f"{_summary([r['pixel_auroc'] for r in mine])} | {_summary([r['aupro'] for r in mine])} | "
                 f"{_summary([r['floor_image_auroc'] for r in mine])} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | "
-                f"{below:.2f} | {np.mean([r['seconds'] for r in mine]):.0f} | {mine[0]['floor_seconds']:.0f} | "
+                f"{below:.2f} | {mine[0].get('trained_epochs') or '-'} | {np.mean([r['seconds'] for r in mine]):.0f} | {mine[0]['floor_seconds']:.0f} | "
                 f"{mine[0]['floor_features']}; {info['patches_per_image']} patches x {info['channels']} ch, "
                 f"bank {info['bank']} |")
         mismatch = [r for r in rows if r["image_auroc"] is not None
@@ -308,7 +318,8 @@ def write_report(args, runs: list[dict], path: Path, command: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--data", choices=("synthetic", "elpv"), default="synthetic",
+                    help="elpv: the packaged solar cells, demo split (categories mono poly); own output files")
     ap.add_argument("--categories", nargs="+", default=list(CATEGORIES),
                     help="textures: fabric, wood, stone, grass, gravel (one category each)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
@@ -323,11 +334,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 training images, 1 epoch, own output files")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the runs file")
     ap.add_argument("--work", default=None, help="folder for data and run folders (default: a temporary one, removed)")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     args = ap.parse_args()
+    args.data_group = "elpv" if args.data == "elpv" else "mvtec"
+    if args.data == "elpv" and set(args.categories) - {"mono", "poly"}:
+        args.categories = ["mono", "poly"]
     if args.quick:
         args.n_train = 8
     torch.set_num_threads(args.threads)
-    stem = "floor_synthetic_quick" if args.quick else "floor_synthetic"
+    stem = ("floor_elpv" if args.data == "elpv" else "floor_synthetic") + ("_quick" if args.quick else "")
     runs_file, report = RESULTS / f"{stem}_runs.jsonl", RESULTS / f"{stem}.md"
     command = "python benchmarks/floor_synthetic.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     RESULTS.mkdir(exist_ok=True)
@@ -344,7 +359,8 @@ def main() -> None:
                 if not todo:
                     continue
                 data_root = work / "data"
-                make_data(data_root, category, args)
+                if args.data != "elpv":
+                    make_data(data_root, category, args)
                 for key, seed in todo:
                     print(f"[{category}] {key} seed {seed} ...", flush=True)
                     result = train_one(args, data_root, category, key, seed, work)

@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--upscale-factor", type=number(int, 1), default=1,
                    help="feature map size as a multiple of the largest backbone map (reference: 2, 4x slower)")
     m.add_argument("--epochs", type=number(int, 1), default=None,
-                   help=f"training epochs; None: the model's default (supersimplenet 10, the others {DEMO_EPOCHS}; "
-                        "the papers use 100-300)")
+                   help=f"training epochs; None: the model's default (supersimplenet 10, the others {DEMO_EPOCHS}), "
+                        "raised on small training sets to at least 400 optimizer steps (supersimplenet, stfpm, "
+                        "simplenet; the papers use 100-300 epochs)")
     m.add_argument("--lr-scale", type=number(float, 0, low_open=True), default=2.0, help="multiplies the reference learning rates")
     m.add_argument("--no-test", action="store_true", help="train only")
     m.add_argument("--no-resume", action="store_true", help="start again even if the run folder has a checkpoint")
@@ -639,9 +640,7 @@ def cmd_train(args) -> int:
     if model_key(args.model) == "simplenet":
         from defectscope.cli_simplenet import train_from_args
 
-        if args.epochs is None:  # SimpleNet's meta-epochs: the demo's 3
-            args.epochs = DEMO_EPOCHS
-        return train_from_args(args)
+        return train_from_args(args)  # epochs: SimpleNet's defaults, per category (cli_simplenet)
 
     from defectscope.data import summarise
 

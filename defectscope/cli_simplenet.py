@@ -75,10 +75,13 @@ def main_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_options(p) -> None:
-    _add(p, "pretrain_embed_dimension", type=_POSITIVE_INT, default=1024, help="values per layer after pooling a patch")
-    _add(p, "target_embed_dimension", type=_POSITIVE_INT, default=1024, help="values per patch after pooling all layers")
+    _add(p, "pretrain_embed_dimension", type=_POSITIVE_INT, default=384,
+         help="values per layer after pooling a patch (reference: 1024; 1536 with WideResNet-50)")
+    _add(p, "target_embed_dimension", type=_POSITIVE_INT, default=384,
+         help="values per patch after pooling all layers (reference: 1024; 1536 with WideResNet-50)")
     _add(p, "patchsize", type=_POSITIVE_INT, default=3, help="neighbourhood aggregated around every position")
-    _add(p, "embedding_size", type=_POSITIVE_INT, default=1024, help="projection output width (with --pre_proj > 0)")
+    _add(p, "embedding_size", type=_POSITIVE_INT, default=None,
+         help="projection output width (with --pre_proj > 0); default: target_embed_dimension (reference: 1024)")
     _add(p, "meta_epochs", type=_POSITIVE_INT, default=1, help="meta-epochs (x gan_epochs passes over the data)")
     _add(p, "aed_meta_epochs", type=_COUNT, default=1, help="meta-epochs left out of the cosine period")
     _add(p, "gan_epochs", type=_POSITIVE_INT, default=1, help="discriminator epochs per meta-epoch")
@@ -287,9 +290,12 @@ def mvtec_splits(data: argparse.Namespace) -> list[tuple[str, object]]:
 
 def run(kwargs: dict, splits: list, engine_options: dict, *, seed: int = 0, test_only: bool = False,
         evaluate: bool = True, save_images: bool = False, max_images: int | None = None,
-        data: dict | None = None, roi: str | None = None, roi_dir: str | None = None) -> list[dict]:
+        data: dict | None = None, roi: str | None = None, roi_dir: str | None = None,
+        meta_epochs_for=None) -> list[dict]:
     """Train (or with ``test_only`` load) one SimpleNet per split, test it, print the results.
-    ``data``: the data settings recorded in run.json and with each model (see cli.data_settings)."""
+    ``data``: the data settings recorded in run.json and with each model (see cli.data_settings).
+    ``meta_epochs_for``: None (``kwargs`` says), or a function of the number of training images
+    giving each split its own ``meta_epochs`` (``train``'s default: a minimum of optimizer steps)."""
     import torch
 
     from defectscope.cli import _check_test_images, write_run_file
@@ -305,7 +311,10 @@ def run(kwargs: dict, splits: list, engine_options: dict, *, seed: int = 0, test
             _check_test_images(probe, split)
     for index, (category, split) in enumerate(splits):
         torch.manual_seed(seed)  # initial weights, so --seed fixes the whole model
-        model = SimpleNet(**kwargs)
+        split_kwargs = dict(kwargs)
+        if meta_epochs_for is not None and not test_only:
+            split_kwargs["meta_epochs"] = meta_epochs_for(len(split.train))
+        model = SimpleNet(**split_kwargs)
         engine = Engine(max_epochs=model.epochs, seed=seed, data_info={**data, "category": category},
                         **engine_options)
         engine.model_index = index
@@ -389,8 +398,16 @@ def train_from_args(args) -> int:
             print(f"notice: --{key.replace('_', '-')} does not apply to simplenet; ignored")
     if args.noise_std is not None:
         extras.noise_std = args.noise_std
-    extras.meta_epochs = args.epochs if "--meta_epochs" not in args.extra and "--meta-epochs" not in args.extra \
-        else extras.meta_epochs
+    meta_epochs_for = None
+    if "--meta_epochs" not in args.extra and "--meta-epochs" not in args.extra:
+        if args.epochs is not None:
+            extras.meta_epochs = args.epochs
+        else:  # SimpleNet's default_epochs, raised to its min_default_steps on small training sets
+            from defectscope.cli import default_epochs
+            from defectscope.models import SimpleNet
+
+            gan_epochs = max(1, extras.gan_epochs)
+            meta_epochs_for = lambda n_train: -(-default_epochs(SimpleNet, n_train, args) // gan_epochs)  # noqa: E731
     extras.resize = extras.resize or args.image_size
     extras.imagesize = extras.imagesize or min(args.image_size, extras.resize)
     extras.backbone_names = [args.backbone or "efficientnet_lite0"]
@@ -413,5 +430,5 @@ def train_from_args(args) -> int:
 
     run(kwargs, _splits(args), engine_options, seed=args.seed, evaluate=not args.no_test,
         save_images=not args.no_images, max_images=args.max_images or None, data=data_settings(args),
-        roi=getattr(args, "roi", None), roi_dir=getattr(args, "roi_dir", None))
+        roi=getattr(args, "roi", None), roi_dir=getattr(args, "roi_dir", None), meta_epochs_for=meta_epochs_for)
     return 0

@@ -49,8 +49,8 @@ def test_every_seed_option_is_accepted_with_the_reference_default():
                                 "aed_meta_epochs", "gan_epochs", "dsc_layers", "dsc_hidden", "noise_std",
                                 "dsc_margin", "dsc_lr", "auto_noise", "train_backbone", "cos_lr", "pre_proj",
                                 "proj_layer_type", "mix_noise")} == dict(
-        backbone_names=None, layers_to_extract_from=None, pretrain_embed_dimension=1024,
-        target_embed_dimension=1024, patchsize=3, embedding_size=1024, meta_epochs=1, aed_meta_epochs=1,
+        backbone_names=None, layers_to_extract_from=None, pretrain_embed_dimension=384,
+        target_embed_dimension=384, patchsize=3, embedding_size=None, meta_epochs=1, aed_meta_epochs=1,
         gan_epochs=1, dsc_layers=2, dsc_hidden=None, noise_std=None, dsc_margin=0.8, dsc_lr=0.0002, auto_noise=0,
         train_backbone=False, cos_lr=False, pre_proj=0, proj_layer_type=0, mix_noise=1)
     assert {k: data[k] for k in ("name", "data_path", "subdataset", "batch_size", "resize", "imagesize",
@@ -226,6 +226,28 @@ def test_train_model_simplenet_end_to_end(tmp_path):
     assert code == 0
     rows = read_csv(tmp_path / "results" / "defectscope" / "synthetic" / "t" / "results.csv")
     assert rows[0]["category"] == "fabric" and 0 <= float(rows[0]["image_auroc"]) <= 1
+
+
+def test_train_without_epochs_gives_each_category_the_step_minimum(monkeypatch, tmp_path, data_root):
+    """No --epochs: SimpleNet's default_epochs, raised per category to min_default_steps
+    (6 training images, 1 held out, batch 4: one step an epoch); --epochs and --meta_epochs win."""
+    from defectscope.models import SimpleNet
+
+    monkeypatch.setattr(SimpleNet, "min_default_steps", 5)
+    base = ["train", "--model", "simplenet", "--data", "mvtec", "--data-path", data_root, "--category", "fabric",
+            "--image-size", 64, "--batch-size", 4, "--no-images", "--no-progress", "--no-test", "--accelerator", "cpu",
+            "--results-path", tmp_path, "--target_embed_dimension", 32, "--pretrain_embed_dimension", 32]
+
+    def trained_epochs(name, *extra):
+        assert run_cli([*base, "--run-name", name, *extra]) == 0
+        last = torch.load(tmp_path / "defectscope" / "mvtec" / name / "models" / "0" / "last.ckpt", weights_only=True)
+        return last["max_epochs"]
+
+    assert trained_epochs("default") == 5
+    monkeypatch.setattr(SimpleNet, "min_default_steps", 2)
+    assert trained_epochs("few_steps") == SimpleNet.default_epochs == 3
+    assert trained_epochs("epochs", "--epochs", 2) == 2
+    assert trained_epochs("meta", "--meta_epochs", 1, "--gan_epochs", 2) == 2
 
 
 def test_main_and_data_options_reach_the_run(monkeypatch, data_root):

@@ -175,6 +175,10 @@ class Stfpm(AnomalyModel):
     train_on_images_and_features = True
     min_batch_size = 2
     batch_size_reason = "the student's batch norm needs at least two images a step"
+    # `defectscope train` without --epochs: 3 passes, raised to at least this many optimizer steps
+    # on small training sets (defectscope/cli.py, default_epochs). MEASURED_BELOW
+    default_epochs = 3
+    min_default_steps = 400
 
     def __init__(
         self,

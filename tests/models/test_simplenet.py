@@ -34,13 +34,28 @@ def tiny(**kwargs) -> SimpleNet:
     return SimpleNet(**options)
 
 
+def test_default_widths_give_384_values_per_patch_and_a_384_wide_projection():
+    model = SimpleNet(pretrained=False, resize=64, imagesize=64)
+    assert model.extract_features(images()).shape == (2, 384, 8, 8)
+    assert model.discriminator.body[0].in_features == 384
+    projected = SimpleNet(pretrained=False, resize=64, imagesize=64, pre_proj=1)
+    assert projected.embed(projected.extract_features(images())).shape == (2 * 8 * 8, 384)
+    assert SimpleNet(pretrained=False, resize=64, imagesize=64, pre_proj=1, embedding_size=100).embed(
+        projected.extract_features(images())).shape == (2 * 8 * 8, 100)
+
+
 def images(n=2, size=64, seed=0):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def test_constructor_defaults_are_the_reference_ones():
+# Ours where they differ (noise_std and proj_init have their own tests): widths for Lite0, not
+# WideResNet-50 (module doc); the projection's width follows the target width.
+OUR_WIDTHS = dict(pretrain_embed_dimension=384, target_embed_dimension=384, embedding_size=None)
+
+
+def test_constructor_defaults_are_the_reference_ones_except_the_widths():
     signature = inspect.signature(SimpleNet.__init__).parameters
-    assert {k: signature[k].default for k in REFERENCE_DEFAULTS} == REFERENCE_DEFAULTS
+    assert {k: signature[k].default for k in REFERENCE_DEFAULTS} == {**REFERENCE_DEFAULTS, **OUR_WIDTHS}
     assert MODELS["simplenet"] is SimpleNet and isinstance(create_model("SimpleNet", pretrained=False), SimpleNet)
 
 

@@ -27,15 +27,29 @@ def test_probe_solves_sklearns_logistic_regression():
     np.testing.assert_allclose(weight.numpy(), reference.coef_[0], rtol=1e-4, atol=1e-5)
 
 
-def test_probe_pools_channel_means_then_maxima():
+def test_probe_pools_channel_means_then_top_one_percent_means():
+    """Default: each channel's mean, then the mean of its top 1 % positions (a loop over images
+    and channels with numpy's sort as the reference); "mean+max" as files from before it."""
     probe = LabelProbe(3)
-    features = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    assert probe.pooling == "mean+top1%"
+    features = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))  # 400 positions: top 4
     pooled = probe.pool(features)
-    torch.testing.assert_close(pooled[:, :3], features.mean(dim=(2, 3)))
-    torch.testing.assert_close(pooled[:, 3:], features.amax(dim=(2, 3)))
+    values = features.numpy().reshape(2, 3, -1)
+    top = np.array([[np.sort(values[b, c])[-4:].mean() for c in range(3)] for b in range(2)])
+    np.testing.assert_allclose(pooled[:, :3].numpy(), values.mean(axis=2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled[:, 3:].numpy(), top, rtol=1e-5, atol=1e-6)
+    # Fewer than 100 positions: the top one, i.e. the maximum.
+    small = features[:, :, :5, :5]
+    torch.testing.assert_close(probe.pool(small)[:, 3:], small.amax(dim=(2, 3)))
+    maxima = probe.pool(features, "mean+max")
+    torch.testing.assert_close(maxima[:, 3:], features.amax(dim=(2, 3)))
     probe.fit(pooled, torch.tensor([0.0, 1.0]))
     expected = pooled @ probe.linear.weight[0] + probe.linear.bias
     torch.testing.assert_close(probe(features), expected)
+    probe.pooling = "mean+max"
+    torch.testing.assert_close(probe(features), maxima @ probe.linear.weight[0] + probe.linear.bias)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        LabelProbe(3, pooling="max")
 
 
 def test_fusion_weights_follow_each_parts_auroc_on_the_labelled_defects():
@@ -121,6 +135,26 @@ def test_probe_and_fusion_survive_saving_and_loading(make_ssn, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(images)[1], model(images)[1])
     assert loaded.probe_info["weights"] == model.probe_info["weights"]
+    assert loaded.probe_info["pooling"] == loaded.label_probe.pooling == "mean+top1%"
+
+
+def test_a_probe_fitted_before_the_top_one_percent_keeps_its_max_pooling(make_ssn, tmp_path):
+    """Files whose probe was fitted with mean+max pooling record no pooling: they load with
+    mean+max and score as before; a new fit takes the current pooling."""
+    import json
+
+    model, _ = _weakly_fitted(make_ssn, pretrained=True)
+    model.label_probe.pooling = "mean+max"  # as the probe of an older file was fitted and scored
+    model.calibrate(iter([torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(4))]))
+    model.save(tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    del params["label_probe"]["pooling"]
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    loaded = SuperSimpleNet.load_from_path(tmp_path)
+    assert loaded.label_probe.pooling == "mean+max"
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images)[1], model(images)[1])
 
 
 def test_a_model_file_from_before_the_probe_loads_and_scores_by_its_map(make_ssn, tmp_path):
