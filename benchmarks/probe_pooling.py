@@ -109,19 +109,13 @@ def auc(good, bad) -> float:
 def evaluate(pool_fn, stats_train: dict, defect_order: np.ndarray, stats_held: dict, stats_test: dict,
              test_labels: np.ndarray, train_is_defect: np.ndarray) -> dict:
     """The product's fit and fusion (fit_on_training_features, calibrate, fusion_weights) for one pooling."""
-    from defectscope.models.supersimplenet import LabelProbe, fusion_weights
+    from defectscope.models.supersimplenet import LabelProbe, cross_fitted_probe_logits, fusion_weights
 
     x = pool_fn(stats_train)
     y = torch.as_tensor(train_is_defect, dtype=torch.float32)
     weight, bias = LabelProbe.solve(x, y)
     defects = torch.as_tensor(defect_order)
-    folds = min(5, len(defects))
-    unseen = torch.empty(len(defects), dtype=torch.float64)
-    for k in range(folds):
-        held = torch.zeros(len(y), dtype=torch.bool)
-        held[defects[k::folds]] = True
-        w, b = LabelProbe.solve(x[~held], y[~held])
-        unseen[k::folds] = x[defects[k::folds]].double() @ w + b
+    unseen = cross_fitted_probe_logits(x, y, defects, min(5, len(defects)))
     defect_parts = torch.stack((stats_train["map_max"][defects], unseen), dim=1)
 
     def parts(stats):

@@ -185,6 +185,20 @@ class LabelProbe(nn.Module):
             self.linear.bias.copy_(bias.reshape(1))
 
 
+def cross_fitted_probe_logits(pooled: torch.Tensor, labels: torch.Tensor, defects: torch.Tensor,
+                              folds: int = 5) -> torch.Tensor:
+    """Each labelled defect's probe logit from a probe fitted without it: ``pooled`` ``[N,D]``,
+    ``labels`` ``[N]`` (0/1), ``defects`` the indices of the labelled defects, split into ``folds``
+    interleaved folds -> ``[len(defects)]`` float64 logits (in ``defects`` order)."""
+    unseen = torch.empty(len(defects), dtype=torch.float64)
+    for k in range(folds):
+        held = torch.zeros(len(labels), dtype=torch.bool)
+        held[defects[k::folds]] = True
+        weight, bias = LabelProbe.solve(pooled[~held], labels[~held])
+        unseen[k::folds] = pooled[defects[k::folds]].double() @ weight + bias
+    return unseen
+
+
 class SuperSimpleNet(AnomalyModel):
     """SuperSimpleNet model.
 
@@ -590,12 +604,7 @@ class SuperSimpleNet(AnomalyModel):
                                                  tuple(self.image_size))[1][:, 0].cpu()
                              for start in range(0, len(defects), 64)])
         folds = min(5, len(defects))
-        unseen = torch.empty(len(defects), dtype=torch.float64)
-        for k in range(folds):
-            held = torch.zeros(len(labels), dtype=torch.bool)
-            held[defects[k::folds]] = True
-            weight, bias = LabelProbe.solve(pooled[~held], labels[~held])
-            unseen[k::folds] = pooled[defects[k::folds]].double() @ weight + bias
+        unseen = cross_fitted_probe_logits(pooled, labels, defects, folds)
         self._defect_parts = torch.stack((map_max.double(), unseen), dim=1)
         self.probe_info = {"fitted_on": {"good": int((labels == 0).sum()), "defective": len(defects)},
                            "folds": folds, "pooling": self.label_probe.pooling}

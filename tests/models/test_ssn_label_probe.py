@@ -10,7 +10,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from defectscope.models import SuperSimpleNet
-from defectscope.models.supersimplenet import LabelProbe, fusion_weights
+from defectscope.models.supersimplenet import LabelProbe, cross_fitted_probe_logits, fusion_weights
 
 
 def test_probe_solves_sklearns_logistic_regression():
@@ -50,6 +50,22 @@ def test_probe_pools_channel_means_then_top_one_percent_means():
     torch.testing.assert_close(probe(features), maxima @ probe.linear.weight[0] + probe.linear.bias)
     with pytest.raises(ValueError, match="pooling must be one of"):
         LabelProbe(3, pooling="max")
+
+
+def test_cross_fitted_logits_score_each_defect_by_a_probe_fitted_without_its_fold():
+    """Against scikit-learn refitted per fold by hand: defects 0..5 in 3 interleaved folds."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 6))
+    y = np.zeros(40)
+    defects = np.arange(30, 36)
+    y[defects] = 1
+    x[defects] += 1.5
+    got = cross_fitted_probe_logits(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(defects), folds=3)
+    for k in range(3):
+        fold = defects[k::3]
+        keep = np.setdiff1d(np.arange(40), fold)
+        reference = LogisticRegression(C=0.1, tol=1e-10, max_iter=10000).fit(x[keep], y[keep])
+        np.testing.assert_allclose(got[k::3].numpy(), reference.decision_function(x[fold]), rtol=1e-4, atol=1e-4)
 
 
 def test_fusion_weights_follow_each_parts_auroc_on_the_labelled_defects():
