@@ -101,6 +101,7 @@ def _runs() -> list[dict]:
 
 
 def main() -> None:
+    global RUNS
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", type=int, nargs="+", default=[0, 5, 10, 25, 50])
     ap.add_argument("--cells", nargs="+", default=["mono", "poly"])
@@ -108,7 +109,11 @@ def main() -> None:
     ap.add_argument("--results-path", default="results")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the runs file")
+    ap.add_argument("--runs", default=None, help=f"runs file (default {RUNS.name}); with --report-only, e.g. "
+                    "elpv_labelled_runs_top1.jsonl (the same runs rescored by probe_pooling.py --adopted-runs)")
     args = ap.parse_args()
+    if args.runs:
+        RUNS = RESULTS / Path(args.runs).name
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     RESULTS.mkdir(parents=True, exist_ok=True)
     done = {(r["cell"], r["count"], r["seed"]) for r in _runs()}

@@ -48,6 +48,7 @@ RESULTS = HERE / "results"
 RUNS_FILE = RESULTS / "elpv_labelled_runs_probe.jsonl"
 RUN_ROOT = HERE.parent / "results" / "defectscope" / "elpv-labelled"
 POOLINGS = ("mean+max", "mean+max+min+std", "mean+top1%", "avg2-mean+max")
+ADOPTED = "mean+top1%"  # LabelProbe's default since 2026-11-30
 PARTS = {  # pooling -> statistics concatenated (in this order)
     "mean+max": ("mean", "max"),
     "mean+max+min+std": ("mean", "max", "min", "std"),
@@ -175,7 +176,9 @@ def run_one(cell, count, seed, data, paths, index, stored, cache_stats) -> dict:
     for pooling in POOLINGS:
         fn = lambda st, keys=PARTS[pooling]: torch.cat([st[k] for k in keys], dim=1)  # noqa: E731
         r = evaluate(fn, s_train, defect_order, s_held, s_test, test_labels, is_defect)
-        r.pop("test_scores")
+        scores = r.pop("test_scores")
+        if pooling == ADOPTED:  # per test cell, for elpv_labelled.py's plot and bootstrap (--runs)
+            out["scores_adopted"] = [round(float(v), 6) for v in scores]
         out[pooling] = r
     out["weight_probe_saved"] = float(weight[1])
     out["seconds"] = round(time.time() - started, 1)
@@ -262,6 +265,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe_pooling_runs.jsonl"))
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown from --out")
     ap.add_argument("--notes", help="a text file whose contents go under the report's header (date, load)")
+    ap.add_argument("--adopted-runs", help="also write the runs with the adopted pooling's test scores in "
+                    "elpv_labelled.py's runs format (the unsupervised runs copied) to this file")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -292,6 +297,28 @@ def main() -> None:
     if args.notes:
         header += "\n\n" + Path(args.notes).read_text().strip()
     print(report(rows, RESULTS / "probe_pooling.md", header))
+    if args.adopted_runs:
+        write_adopted_runs(rows, Path(args.adopted_runs))
+
+
+def write_adopted_runs(rows: list[dict], path: Path) -> None:
+    """elpv_labelled.py's runs, the labelled ones rescored with the adopted pooling (AUROC and
+    per-cell scores of the fused score; the map-only scores are the same models' and are kept)."""
+    rescored = {(r["cell"], r["count"], r["seed"]): r for r in rows if "scores_adopted" in r}
+    lines = []
+    for stored in map(json.loads, RUNS_FILE.read_text().splitlines()):
+        key = (stored["cell"], stored["count"], stored["seed"])
+        if key in rescored:
+            new = rescored[key]
+            stored = {**stored, "auroc": round(new[ADOPTED]["test_fused"], 4),
+                      "auroc_fused": new[ADOPTED]["test_fused"], "scores": new["scores_adopted"],
+                      "label_probe": {**stored.get("label_probe", {}), "pooling": ADOPTED},
+                      "rescored_by": "benchmarks/probe_pooling.py"}
+        elif stored["count"] > 0:
+            continue  # a labelled run not rescored here would mix the two poolings
+        lines.append(json.dumps(stored))
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path} ({len(rescored)} rescored runs)")
 
 
 if __name__ == "__main__":
