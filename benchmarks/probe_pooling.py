@@ -17,9 +17,10 @@ own probe and fusion buffers, and again with the probe refitted here (mean+max) 
 within 0.002. Step 2 refits the probe (``LabelProbe.solve``, C=0.1, on the run's training good
 cells + its labelled cells, features standardised by the run's own standardiser) with each pooling:
 
-* ``mean+max``: channel means and maxima (the product's pooling);
+* ``mean+max``: channel means and maxima (the product's pooling until 2026-11-30);
 * ``mean+max+min+std``: also channel minima and standard deviations over positions;
-* ``mean+top1%``: channel means and the mean of each channel's top 1 % positions (10 of 32x32);
+* ``mean+top1%``: channel means and the mean of each channel's top 1 % positions (10 of 32x32;
+  the product's pooling since, computed by ``LabelProbe.pool``);
 * ``avg2-mean+max``: means and maxima after a 2x2 average pooling of the map (stride 2);
 
 and fuses it with the map maximum by the product's rule (each part z-scored against the held-out
@@ -83,6 +84,8 @@ def check_features(model, data: dict, paths: dict, per_key: int = 2) -> float:
 @torch.inference_mode()
 def statistics(model, feats: torch.Tensor, batch: int = 64) -> dict[str, torch.Tensor]:
     """Pooled statistics of the standardised features [N,C] each, and the map-max / probe logits [N]."""
+    from defectscope.models.supersimplenet import LabelProbe
+
     out: dict[str, list] = {k: [] for k in ("mean", "max", "min", "std", "top1", "avg2max", "map_max", "probe")}
     for i in range(0, len(feats), batch):
         f = feats[i:i + batch].to(torch.float32)
@@ -91,9 +94,7 @@ def statistics(model, feats: torch.Tensor, batch: int = 64) -> dict[str, torch.T
         out["max"].append(s.amax(dim=(2, 3)))
         out["min"].append(s.amin(dim=(2, 3)))
         out["std"].append(s.std(dim=(2, 3)))
-        flat = s.flatten(2)
-        k = max(1, flat.shape[2] // 100)
-        out["top1"].append(flat.topk(k, dim=2).values.mean(dim=2))
+        out["top1"].append(LabelProbe.pool(s, "mean+top1%")[:, s.shape[1]:])  # the product's top-1 % mean
         out["avg2max"].append(torch.nn.functional.avg_pool2d(s, 2).amax(dim=(2, 3)))
         _, parts = model._map_and_parts(f, tuple(model.image_size))
         out["map_max"].append(parts[:, 0].double())

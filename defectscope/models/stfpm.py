@@ -179,7 +179,8 @@ class Stfpm(AnomalyModel):
     # on small training sets (defectscope/cli.py, default_epochs). Generated textures, 32 training
     # images (4 steps an epoch), image AUROC against the nearest-neighbour floor on the teacher's
     # features: 3 epochs grass 0.535 / gravel 0.540 (floors 0.701 / 0.573); 25 epochs 0.775 / 0.620;
-    # 100 epochs 0.761 / 0.596 (benchmarks/results/floor_synthetic.md). ELPV's 3 epochs become 10.
+    # 100 epochs 0.761 / 0.596 (benchmarks/results/floor_synthetic.md).
+    # ELPV's 3 epochs become 10 (mono) and 6 (poly).
     default_epochs = 3
     min_default_steps = 400
 

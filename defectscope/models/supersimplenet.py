@@ -40,6 +40,7 @@ from defectscope.models.common import (
     perlin_masks,
     upscale_and_concat,
 )
+from defectscope.models.model_files import ModelFileError
 from defectscope.models.fused_head import bn_mlp_forward, bn_mlp_train_forward_copies, scatter_rows, supports_fused
 
 
@@ -125,8 +126,10 @@ class LabelProbe(nn.Module):
     """
 
     POOLINGS = ("mean+top1%", "mean+max")
+    DEFAULT_POOLING = "mean+top1%"  # what a new fit uses
+    OLD_FILE_POOLING = "mean+max"  # a fitted probe whose file records no pooling
 
-    def __init__(self, channels: int, pooling: str = "mean+top1%") -> None:
+    def __init__(self, channels: int, pooling: str = DEFAULT_POOLING) -> None:
         super().__init__()
         if pooling not in self.POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(self.POOLINGS)}, got {pooling!r}")
@@ -137,7 +140,7 @@ class LabelProbe(nn.Module):
         self.linear.requires_grad_(False)  # fitted in closed form, never by the optimizer
 
     @staticmethod
-    def pool(features: torch.Tensor, pooling: str = "mean+top1%") -> torch.Tensor:
+    def pool(features: torch.Tensor, pooling: str = DEFAULT_POOLING) -> torch.Tensor:
         """``[B,C,h,w]`` -> ``[B,2C]``: channel means, then the channel's top-1 % mean (at least one
         position) or maximum (``pooling``)."""
         mean = features.mean(dim=(2, 3))
@@ -403,7 +406,13 @@ class SuperSimpleNet(AnomalyModel):
         self.classifier_skipped = bool(params.get("classifier_skipped", False))
         self.probe_info = dict(params.get("label_probe") or {})
         if self.probe_info:  # a fitted probe: the pooling it was fitted with (none recorded: the first one)
-            self.label_probe.pooling = self.probe_info.get("pooling", "mean+max")
+            pooling = self.probe_info.get("pooling", LabelProbe.OLD_FILE_POOLING)
+            if pooling not in LabelProbe.POOLINGS:
+                raise ModelFileError(
+                    f"params.json: label_probe pooling {pooling!r} is not one this version knows "
+                    f"({', '.join(LabelProbe.POOLINGS)}). Fix: restore the model folder from the copy training "
+                    "wrote, or retrain the model.")
+            self.label_probe.pooling = pooling
 
     # ---- features ---------------------------------------------------------------------
     @torch.no_grad()
@@ -593,7 +602,7 @@ class SuperSimpleNet(AnomalyModel):
             self.probe_info = {}
             return
         device = self.fusion.device
-        self.label_probe.pooling = LabelProbe.POOLINGS[0]  # a new fit takes the current pooling
+        self.label_probe.pooling = LabelProbe.DEFAULT_POOLING  # a new fit takes the current pooling
         pooled = torch.cat([LabelProbe.pool(self._standardize(features[start:start + 64].to(device, torch.float32)),
                                             self.label_probe.pooling).float().cpu()
                             for start in range(0, len(features), 64)])

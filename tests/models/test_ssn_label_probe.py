@@ -171,6 +171,13 @@ def test_a_probe_fitted_before_the_top_one_percent_keeps_its_max_pooling(make_ss
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(loaded(images)[1], model(images)[1])
+    # A pooling this version does not know (a hand-edited or corrupt file): refused, named, with a fix.
+    from defectscope.models import ModelFileError
+
+    params["label_probe"]["pooling"] = "median"
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ModelFileError, match=r"label_probe pooling 'median'.*Fix:"):
+        SuperSimpleNet.load_from_path(tmp_path)
 
 
 def test_a_model_file_from_before_the_probe_loads_and_scores_by_its_map(make_ssn, tmp_path):
