@@ -22,7 +22,8 @@ them (:meth:`Stfpm.extract_features` flattens the pyramid into one row per image
 then runs only the student on the images (``train_on_images_and_features``).
 
 Offline without ResNet-18 weights the teacher falls back to the packaged EfficientNet-Lite0,
-taking its layers at the same strides (4, 8, 16), with a :class:`BackboneFallbackNotice`; the
+with its own layers (blocks.4 and blocks.6, strides 16 and 32, see :data:`STFPM_LAYERS`) or, when
+the caller named layers, its layers at the same strides, with a :class:`BackboneFallbackNotice`; the
 backbone actually used is what ``hparams`` records, so a saved model reloads the same.
 """
 
@@ -47,6 +48,28 @@ from defectscope.models.common import check_setting
 
 # The teacher used when the requested backbone's weights are nowhere on this machine.
 FALLBACK_BACKBONE = OFFLINE_DEFAULT
+
+# Layers matched when the caller names none. ResNet-18: the paper's three stages (strides 4, 8,
+# 16). EfficientNet-Lite: blocks.4 and blocks.6 (strides 16, 32). Measured on the Lite0 teacher
+# (benchmarks/results/floor_elpv.md, one seed): with blocks.1+2+4, the stride-4 layer alone ranked
+# ELPV mono cells *below chance* (0.459; the random-start student cannot reproduce low-level
+# texture, so its distance is high on good cells too) and the product scored 0.861 against a
+# nearest-neighbour floor of 0.921; blocks.4 x blocks.6 scored 0.955 (floor on the same layers
+# 0.953) and 0.926 on generated fabric (floor 0.921). The price: coarser maps (fabric pixel AUROC
+# 0.81 against 0.87); pass layers=("blocks.1", "blocks.2", "blocks.4") for finer ones.
+STFPM_LAYERS = {
+    "resnet18": ("layer1", "layer2", "layer3"),
+    "efficientnet_lite0": ("blocks.4", "blocks.6"),
+    "efficientnet_lite1": ("blocks.4", "blocks.6"),
+    "efficientnet_lite2": ("blocks.4", "blocks.6"),
+}
+
+
+def default_layers(backbone: str) -> list[str]:
+    """The layers STFPM matches on ``backbone`` when none are given (:data:`STFPM_LAYERS`, else
+    the backbone's own default layers)."""
+    name = get_backbone_config(backbone).name
+    return list(STFPM_LAYERS.get(name, get_backbone_config(backbone).default_layers))
 
 
 class BackboneFallbackNotice(UserWarning):
@@ -124,20 +147,23 @@ def build_teacher(
     Falls back to :data:`FALLBACK_BACKBONE` only when no weights file was given and none was
     found (a file the user names but that is missing is an error, never a silent switch).
     """
+    asked = list(layers) if layers else None
     try:
-        teacher = FeatureExtractor(backbone, list(layers) if layers else None, weights=weights, pretrained=pretrained)
+        teacher = FeatureExtractor(backbone, asked or default_layers(backbone), weights=weights, pretrained=pretrained)
         return teacher, backbone, ""
     except WeightsNotFoundError as err:
         if weights is not None or not allow_fallback:
             raise
         looked = "\n".join(line for line in str(err).splitlines() if line.startswith("  - "))
     config = get_backbone_config(backbone)
-    new_layers = fallback_layers(backbone, layers)
+    # Layers the caller named move to the fallback's layers at the same strides; with none named,
+    # the fallback takes its own STFPM layers (the strides that work on it, not ResNet-18's).
+    new_layers = fallback_layers(backbone, asked) if asked else default_layers(FALLBACK_BACKBONE)
     teacher = FeatureExtractor(FALLBACK_BACKBONE, new_layers)  # packaged weights, or its own error
     note = (
         f"STFPM: no ImageNet weights for backbone {backbone!r} on this machine, so the teacher and student "
         f"use {FALLBACK_BACKBONE!r} (weights from its pip package) with layers {teacher.layers} at strides "
-        f"{teacher.strides}, in place of {list(layers) if layers else list(config.default_layers)}. "
+        f"{teacher.strides}, in place of {asked or default_layers(backbone)}. "
         f"To use {backbone}: copy {config.weight_file} ({config.weight_url}) into {torch_hub_checkpoint_dir()}, "
         f"or pass weights='/path/to/{config.weight_file}' (CLI: --weights); allow_fallback=False "
         f"makes this an error instead. Looked in:\n{looked}"
@@ -154,7 +180,8 @@ class Stfpm(AnomalyModel):
 
     Args:
         backbone: teacher and student architecture (see :data:`defectscope.backbones.BACKBONES`).
-        layers: feature layers matched between teacher and student (the reference's three ResNet stages).
+        layers: feature layers matched between teacher and student; None: :data:`STFPM_LAYERS`
+            (ResNet-18: the reference's three stages; EfficientNet-Lite: blocks.4 and blocks.6).
         image_size: input size, a square int or (height, width); 256 as in the reference.
         weights: teacher weights file (else the local torch / Hugging Face cache is searched).
         pretrained: False builds a random teacher and searches for no weights (tests only).
@@ -187,7 +214,7 @@ class Stfpm(AnomalyModel):
     def __init__(
         self,
         backbone: str = "resnet18",
-        layers: Sequence[str] | None = ("layer1", "layer2", "layer3"),
+        layers: Sequence[str] | None = None,
         image_size: int | tuple[int, int] = 256,
         weights: str | None = None,
         pretrained: bool = True,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from defectscope.backbones import WeightsNotFoundError
 from defectscope.models import MODELS, Stfpm, create_model, load_model
-from defectscope.models.stfpm import BackboneFallbackNotice, fallback_layers, pyramid_loss
+from defectscope.models.stfpm import BackboneFallbackNotice, default_layers, fallback_layers, pyramid_loss
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
 
@@ -206,11 +206,17 @@ def test_without_resnet18_weights_the_teacher_falls_back_with_a_notice(empty_wei
                  "weights='/path/to/", "allow_fallback=False", "Looked in"):
         assert part in message, part
     assert model.hparams["backbone"] == "efficientnet_lite0"
-    assert model.hparams["layers"] == ["blocks.1", "blocks.2", "blocks.4"]
-    assert model.feature_extractor.strides == [4, 8, 16]
+    # No layers named: the fallback's own STFPM layers, not ResNet-18's strides.
+    assert model.hparams["layers"] == ["blocks.4", "blocks.6"] == default_layers("efficientnet_lite0")
+    assert model.feature_extractor.strides == [16, 32]
     assert model.mean == (0.5, 0.5, 0.5)  # the fallback's own normalisation
     assert fallback_layers("resnet18", ["layer1", "layer2", "layer3"]) == ["blocks.1", "blocks.2", "blocks.4"]
     assert fallback_layers("resnet18", None) == ["blocks.2", "blocks.4"]  # resnet18's default layers
+    # Named layers move to the fallback at the same strides.
+    with pytest.warns(BackboneFallbackNotice):
+        named = Stfpm(image_size=64, layers=("layer1", "layer2", "layer3"))
+    assert named.hparams["layers"] == ["blocks.1", "blocks.2", "blocks.4"]
+    assert named.feature_extractor.strides == [4, 8, 16]
 
 
 def test_refusals_name_the_problem(tmp_path):
