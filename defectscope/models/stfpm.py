@@ -54,9 +54,11 @@ FALLBACK_BACKBONE = OFFLINE_DEFAULT
 # (benchmarks/results/floor_elpv.md, one seed): with blocks.1+2+4, the stride-4 layer alone ranked
 # ELPV mono cells *below chance* (0.459; the random-start student cannot reproduce low-level
 # texture, so its distance is high on good cells too) and the product scored 0.861 against a
-# nearest-neighbour floor of 0.921; blocks.4 x blocks.6 scored 0.955 (floor on the same layers
-# 0.953) and 0.926 on generated fabric (floor 0.921). The price: coarser maps (fabric pixel AUROC
-# 0.81 against 0.87); pass layers=("blocks.1", "blocks.2", "blocks.4") for finer ones.
+# nearest-neighbour floor of 0.921. A student trained on blocks.4 + blocks.6 alone scored 0.939
+# (0.955 as a subset of a blocks.2+4+6 student), against 0.953 for the floor on those layers: much
+# better, still a little under its own floor. Generated fabric: 0.926 vs 0.921 (subset). The
+# price: coarser maps (fabric pixel AUROC 0.81 against 0.87); pass layers=("blocks.1",
+# "blocks.2", "blocks.4") for finer ones.
 STFPM_LAYERS = {
     "resnet18": ("layer1", "layer2", "layer3"),
     "efficientnet_lite0": ("blocks.4", "blocks.6"),
