@@ -50,15 +50,14 @@ from defectscope.models.common import check_setting
 FALLBACK_BACKBONE = OFFLINE_DEFAULT
 
 # Layers matched when the caller names none. ResNet-18: the paper's three stages (strides 4, 8,
-# 16). EfficientNet-Lite: blocks.4 and blocks.6 (strides 16, 32). Measured on the Lite0 teacher
-# (benchmarks/results/floor_elpv.md, one seed): with blocks.1+2+4, the stride-4 layer alone ranked
-# ELPV mono cells *below chance* (0.459; the random-start student cannot reproduce low-level
-# texture, so its distance is high on good cells too) and the product scored 0.861 against a
-# nearest-neighbour floor of 0.921. A student trained on blocks.4 + blocks.6 alone scored 0.939
-# (0.955 as a subset of a blocks.2+4+6 student), against 0.953 for the floor on those layers: much
-# better, still a little under its own floor. Generated fabric: 0.926 vs 0.921 (subset). The
-# price: coarser maps (fabric pixel AUROC 0.81 against 0.87); pass layers=("blocks.1",
-# "blocks.2", "blocks.4") for finer ones.
+# 16). EfficientNet-Lite: blocks.4 and blocks.6 (strides 16, 32). Why, on the Lite0 teacher: with
+# blocks.1+2+4 the stride-4 layer alone ranked ELPV mono cells *below chance* (0.459; the
+# random-start student cannot reproduce low-level texture, so its distance is high on good cells
+# too). `defectscope train` defaults, one seed (benchmarks/results/floor_elpv.md and
+# floor_synthetic.md), image AUROC blocks.4+6 (was blocks.1+2+4): ELPV mono 0.942 (0.878), poly
+# 0.897 (0.737), generated fabric 0.926 (0.895), grass 0.781 (0.761), gravel 0.519 (0.596). The
+# price: coarser maps (pixel AUROC fabric 0.830 vs 0.867, gravel 0.764 vs 0.840); pass
+# layers=("blocks.1", "blocks.2", "blocks.4") for finer ones.
 STFPM_LAYERS = {
     "resnet18": ("layer1", "layer2", "layer3"),
     "efficientnet_lite0": ("blocks.4", "blocks.6"),
@@ -70,8 +69,8 @@ STFPM_LAYERS = {
 def default_layers(backbone: str) -> list[str]:
     """The layers STFPM matches on ``backbone`` when none are given (:data:`STFPM_LAYERS`, else
     the backbone's own default layers)."""
-    name = get_backbone_config(backbone).name
-    return list(STFPM_LAYERS.get(name, get_backbone_config(backbone).default_layers))
+    config = get_backbone_config(backbone)
+    return list(STFPM_LAYERS.get(config.name, config.default_layers))
 
 
 class BackboneFallbackNotice(UserWarning):
