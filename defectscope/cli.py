@@ -657,7 +657,15 @@ def cmd_train(args) -> int:
     for index, (category, split) in enumerate(splits):
         torch.manual_seed(args.seed)  # the heads' initial weights, so --seed fixes the whole model
         if key in GENERIC_MODELS:
-            model = create_model(args.model, **_generic_model_kwargs(args, key))
+            generic_kwargs = _generic_model_kwargs(args, key)
+            try:
+                model = create_model(args.model, **generic_kwargs)
+            except ValueError as error:
+                # A refused setting is named as the option the user typed (--hard-fraction, not hard_fraction).
+                setting, _, rest = str(error).partition(" ")
+                if setting in generic_kwargs:
+                    raise UsageError(f"--{setting.replace('_', '-')} {rest}") from error
+                raise
             if not args.no_test:
                 _check_test_images(model, split)
             built.append(model)

@@ -3,8 +3,10 @@ teacher fallback, saving and loading, a traceable forward and a run through the 
 
 from __future__ import annotations
 
+import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,7 +69,7 @@ def perturb_student_statistics(model: Stfpm) -> None:
 
 # ---- the formulas --------------------------------------------------------------------------
 def test_loss_equals_a_loop_over_layers_and_positions():
-    model = random_resnet18().double()
+    model = random_resnet18(hard_fraction=1.0).double()
     model.train()
     x = images(3).double()
     teacher = [m.detach() for m in model.feature_extractor(x).values()]
@@ -92,6 +94,38 @@ def test_loss_equals_a_loop_over_layers_and_positions():
     assert pyramid_loss(teacher, student, "mean").item() == pytest.approx(expected / len(x), rel=1e-9)
     with pytest.raises(ValueError, match="batch_reduction must be 'sum' or 'mean'"):
         pyramid_loss(teacher, student, "max")
+
+
+def test_hard_fraction_averages_the_worst_fitted_positions_of_each_layer():
+    generator = torch.Generator().manual_seed(3)
+    teacher = [torch.randn(4, 8, 6, 6, generator=generator), torch.randn(4, 16, 3, 3, generator=generator)]
+    student = [torch.randn(t.shape, generator=generator, requires_grad=True) for t in teacher]
+    fraction = 0.1
+
+    # Reference: numpy, every position's distance by its own formula, sorted, the top ceil(10 %).
+    expected = 0.0
+    for t, s in zip(teacher, student):
+        tn = t.numpy() / np.linalg.norm(t.numpy(), axis=1, keepdims=True)
+        sv = s.detach().numpy()
+        sn = sv / np.linalg.norm(sv, axis=1, keepdims=True)
+        distances = np.sort((0.5 * ((tn - sn) ** 2).sum(axis=1)).ravel())[::-1]
+        expected += distances[: math.ceil(fraction * distances.size)].mean()
+    loss = pyramid_loss(teacher, student, "mean", hard_fraction=fraction)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert pyramid_loss(teacher, student, "sum", hard_fraction=fraction).item() == pytest.approx(4 * expected, rel=1e-5)
+    # Only the chosen positions learn: 15 of 144 and 4 of 36 positions get a gradient.
+    loss.backward()
+    moved = [int((s.grad.abs().sum(dim=1) > 0).sum()) for s in student]
+    assert moved == [math.ceil(fraction * 144), math.ceil(fraction * 36)]
+    # All positions: the paper's loss.
+    every_position = sum(float(0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(1).mean())
+                         for t, s in zip(teacher, student))
+    assert pyramid_loss(teacher, student, "mean", hard_fraction=1.0).item() == pytest.approx(every_position, rel=1e-5)
+    assert every_position < expected
+    with pytest.raises(ValueError, match="hard_fraction must be in"):
+        pyramid_loss(teacher, student, hard_fraction=0)
+    with pytest.raises(ValueError, match="hard_fraction"):
+        random_resnet18(hard_fraction=1.5)
 
 
 def test_map_is_the_product_of_upscaled_layer_maps():
