@@ -10,7 +10,8 @@ Data flow (shapes for a 256x256 input and ResNet-18 ``layer1``..``layer3``)::
                         -> student, same architecture, random start -> the same shapes
     per layer: unit-length channel vectors t, s; distance d = 0.5 * ||t - s||^2 per position
     training loss: sum over layers of d averaged over positions and images (the paper's
-      1 / (2 h w) * sum of squared differences, per image)
+      1 / (2 h w) * sum of squared differences, per image); by default averaged over only the
+      worst-fitted 10 % of each layer's positions in the batch (hard-feature mining, HARD_FRACTION)
     anomaly map: each layer's d upscaled (bilinear) to the image size, multiplied together;
       image score: the map's maximum
 
