@@ -634,6 +634,7 @@ def cmd_train(args) -> int:
     import torch
 
     from defectscope.models import create_model, model_key
+    from defectscope.models.common import SettingError
 
     args.image_size = _image_size_option(args.image_size, args.model)
     _check_tile_options(args)
@@ -660,12 +661,12 @@ def cmd_train(args) -> int:
             generic_kwargs = _generic_model_kwargs(args, key)
             try:
                 model = create_model(args.model, **generic_kwargs)
-            except ValueError as error:
-                # A refused setting is named as the option the user typed (--hard-fraction, not hard_fraction).
-                setting, _, rest = str(error).partition(" ")
-                if setting in generic_kwargs:
-                    raise UsageError(f"--{setting.replace('_', '-')} {rest}") from error
-                raise
+            except SettingError as error:
+                # Named as the option the user typed (--hard-fraction, not hard_fraction).
+                if error.setting not in generic_kwargs:
+                    raise
+                flag = f"--{error.setting.replace('_', '-')}"
+                raise UsageError(str(error).replace(error.setting, flag, 1)) from error
             if not args.no_test:
                 _check_test_images(model, split)
             built.append(model)

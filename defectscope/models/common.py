@@ -244,10 +244,20 @@ def upscale_and_concat(features: list[torch.Tensor], size: tuple[int, int], patc
     return x
 
 
+class SettingError(ValueError):
+    """A model setting out of range; ``setting`` names the constructor argument (so the CLI can
+    name its option instead)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
 def check_setting(name: str, value, low: float | None = None, high: float | None = None, *,
                   low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
     """Refuse a model setting that is not a finite number in range (NaN passes ``value <= 0``
-    checks silently and trains a NaN model), with one ``ValueError`` naming the setting."""
+    checks silently and trains a NaN model), with one :class:`SettingError` (a ``ValueError``)
+    naming the setting."""
     import numbers
 
     kind = "an integer" if integer else "a finite number"
@@ -263,5 +273,5 @@ def check_setting(name: str, value, low: float | None = None, high: float | None
             bounds.append(f"{'>' if low_open else '>='} {low:g}")
         if high is not None:
             bounds.append(f"{'<' if high_open else '<='} {high:g}")
-        raise ValueError(f"{name} must be {kind}{' ' + ' and '.join(bounds) if bounds else ''}, got {value!r}")
+        raise SettingError(name, f"{name} must be {kind}{' ' + ' and '.join(bounds) if bounds else ''}, got {value!r}")
 
