@@ -41,8 +41,9 @@ same resample. Reported: mean difference, 95 % interval, share of rounds with th
 Writes benchmarks/results/floor_synthetic.md and appends one JSON line per (category, model,
 seed) to benchmarks/results/floor_synthetic_runs.jsonl (scores included), so an interrupted run
 resumes and ``--report-only`` rebuilds the report; with ``--work DIR --resume-training`` a training
-stopped mid-way continues from its checkpoint (EfficientAD on ELPV poly takes about 3 h on one core). ``--quick`` (8 training images, 1 epoch)
-smoke-tests the whole path and writes floor_synthetic_quick.{md,jsonl} instead.
+stopped mid-way continues from its checkpoint (EfficientAD on ELPV poly takes about 3 h on one
+core). ``--quick`` (8 training images, 1 epoch) smoke-tests the whole path and writes
+floor_synthetic_quick.{md,jsonl} instead.
 """
 
 from __future__ import annotations
@@ -342,6 +343,9 @@ def main() -> None:
                     help="with --work: continue a stopped training from its run folder's last.ckpt instead of "
                          "starting it again (the engine refuses a checkpoint written with other settings)")
     args = ap.parse_args()
+    if args.resume_training and not args.work:
+        ap.error("--resume-training needs --work DIR, the folder of the stopped run (without it the run folders "
+                 "are in a new temporary folder, with nothing to resume)")
     args.data_group = "elpv" if args.data == "elpv" else "mvtec"
     if args.data == "elpv" and set(args.categories) - {"mono", "poly"}:
         args.categories = ["mono", "poly"]
