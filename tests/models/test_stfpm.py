@@ -13,7 +13,13 @@ import torch.nn.functional as F
 
 from defectscope.backbones import WeightsNotFoundError
 from defectscope.models import MODELS, Stfpm, create_model, load_model
-from defectscope.models.stfpm import BackboneFallbackNotice, default_layers, fallback_layers, pyramid_loss
+from defectscope.models.stfpm import (
+    BackboneFallbackNotice,
+    default_layers,
+    fallback_layers,
+    pyramid_loss,
+    random_translate,
+)
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
 
@@ -69,7 +75,7 @@ def perturb_student_statistics(model: Stfpm) -> None:
 
 # ---- the formulas --------------------------------------------------------------------------
 def test_loss_equals_a_loop_over_layers_and_positions():
-    model = random_resnet18(hard_fraction=1.0).double()
+    model = random_resnet18(hard_fraction=1.0, translate=0.0).double()
     model.train()
     x = images(3).double()
     teacher = [m.detach() for m in model.feature_extractor(x).values()]
@@ -126,6 +132,42 @@ def test_hard_fraction_averages_the_worst_fitted_positions_of_each_layer():
         pyramid_loss(teacher, student, hard_fraction=0)
     with pytest.raises(ValueError, match="hard_fraction"):
         random_resnet18(hard_fraction=1.5)
+
+
+def test_random_translate_shifts_each_image_within_the_mirrored_border():
+    x = images(6, size=16)
+    torch.manual_seed(0)
+    shifted = random_translate(x, 0.25)
+    assert shifted.shape == x.shape
+    # Reference: every crop of the mirror-padded image (numpy's "reflect" = torch's), by brute force.
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)), mode="reflect")
+    offsets = []
+    for k in range(len(x)):
+        found = [(dy, dx) for dy in range(9) for dx in range(9)
+                 if np.array_equal(padded[k, :, dy:dy + 16, dx:dx + 16], shifted[k].numpy())]
+        assert found, f"image {k} is not a shifted window of its mirrored input"
+        offsets.append(found[0])
+    # Independent shifts per image, not all zero.
+    assert len(set(offsets)) > 1 and any(o != (4, 4) for o in offsets)
+    assert torch.equal(random_translate(x, 0.0), x)
+    assert torch.equal(random_translate(x, 0.05), x)  # under a pixel at 16 px
+
+
+def test_translate_trains_on_the_teacher_maps_of_the_shifted_images():
+    model = random_resnet18(translate=0.125).double()
+    model.train()
+    x = images(3).double()
+    torch.manual_seed(5)
+    loss = model.training_step_images(x, torch.zeros(3, 1).double())  # cached features are not used
+    torch.manual_seed(5)
+    shifted = random_translate(x, 0.125)
+    assert not torch.equal(shifted, x)
+    teacher = [m.detach() for m in model.feature_extractor(shifted).values()]
+    student = [m.detach() for m in model.student(shifted)]
+    assert loss.item() == pytest.approx(pyramid_loss(teacher, student).item(), rel=1e-9)
+    assert model.hparams["translate"] == 0.125
+    with pytest.raises(ValueError, match="translate"):
+        random_resnet18(translate=0.75)
 
 
 def test_map_is_the_product_of_upscaled_layer_maps():
