@@ -154,9 +154,11 @@ def test_random_translate_shifts_each_image_within_the_mirrored_border():
 
 
 def test_translate_trains_on_the_teacher_maps_of_the_shifted_images():
-    model = random_resnet18(translate=0.125).double()
+    model = random_resnet18(translate=0.125, translate_max_images=3).double()
     model.train()
     x = images(3).double()
+    model.fit_feature_statistics(model.extract_features(x))  # 3 training images: a small set
+    assert bool(model.translate_on)
     torch.manual_seed(5)
     loss = model.training_step_images(x, torch.zeros(3, 1).double())  # cached features are not used
     torch.manual_seed(5)
@@ -166,8 +168,21 @@ def test_translate_trains_on_the_teacher_maps_of_the_shifted_images():
     student = [m.detach() for m in model.student(shifted)]
     assert loss.item() == pytest.approx(pyramid_loss(teacher, student).item(), rel=1e-9)
     assert model.hparams["translate"] == 0.125
+    # The decision is saved with the weights (a resumed training keeps it).
+    assert model.state_dict()["translate_on"].item() is True
+    # A set larger than translate_max_images, or translate=0: the cached maps, no shift.
+    model.fit_feature_statistics(torch.zeros(4, 1))
+    assert not bool(model.translate_on)
+    features = model.extract_features(x)
+    assert model.training_step_images(x, features).item() == pytest.approx(
+        pyramid_loss([m.detach() for m in model.feature_extractor(x).values()], model.student(x)).item(), rel=1e-9)
+    off = random_resnet18(translate=0.0, translate_max_images=10)
+    off.fit_feature_statistics(torch.zeros(3, 1))
+    assert not bool(off.translate_on)
     with pytest.raises(ValueError, match="translate"):
         random_resnet18(translate=0.75)
+    with pytest.raises(ValueError, match="translate_max_images"):
+        random_resnet18(translate_max_images=-1)
 
 
 def test_map_is_the_product_of_upscaled_layer_maps():
