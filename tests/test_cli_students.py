@@ -44,10 +44,12 @@ def _check_run(run_dir, data_root, tmp_path, model):
 
 
 def test_stfpm_end_to_end_with_its_own_options(data_root, tmp_path, capsys):
-    assert _train(data_root, tmp_path, "stfpm", "--lr", "0.2", "--momentum", "0.8", "--hard-fraction", "0.25") == 0
+    assert _train(data_root, tmp_path, "stfpm", "--lr", "0.2", "--momentum", "0.8", "--hard-fraction", "0.25",
+                  "--translate", "0.2") == 0
     params = _check_run(tmp_path / "defectscope" / "mvtec" / "stfpm", data_root, tmp_path, "stfpm")
     assert params["hparams"]["lr"] == 0.2 and params["hparams"]["momentum"] == 0.8
     assert params["hparams"]["hard_fraction"] == 0.25
+    assert params["hparams"]["translate"] == 0.2 and params["hparams"]["translate_max_images"] == 100
     # No resnet18 weights on a clean machine: the packaged fallback, said once.
     if params["hparams"]["backbone"] != "resnet18":
         assert any(line.startswith("notice:") and "efficientnet_lite0" in line
@@ -82,10 +84,11 @@ def test_efficientad_end_to_end_with_a_distilled_teacher(data_root, tmp_path, te
         ("stfpm", ["--model-size", "m"], "--model-size is a setting of efficientad, not of stfpm"),
         ("stfpm", ["--lr", "nan"], "--lr"),
         ("stfpm", ["--hard-fraction", "0"], "--hard-fraction"),
+        ("stfpm", ["--translate", "0.9"], "--translate must be"),
         ("efficientad", ["--padding", "maybe"], "expected true or false"),
     ],
     ids=["ead-batch-8", "ead-stfpm-option", "ead-backbone", "ead-no-teacher", "stfpm-batch-1", "stfpm-ead-option",
-         "stfpm-lr-nan", "stfpm-hard-fraction-0", "ead-padding-not-bool"],
+         "stfpm-lr-nan", "stfpm-hard-fraction-0", "stfpm-translate-0.9", "ead-padding-not-bool"],
 )
 def test_refusals(data_root, tmp_path, capsys, teacher, model, options, words):
     if model == "efficientad" and options and options[0] != "--teacher-weights":
