@@ -287,6 +287,32 @@ def test_save_and_load_give_identical_outputs(tmp_path):
     assert model.params()["backbone_fallback"] == {"requested": "resnet18", "used": "efficientnet_lite0"}
 
 
+def test_a_model_saved_before_translate_existed_still_loads(tmp_path):
+    """Files written before the translate settings and the translate_on buffer load unchanged."""
+    import json
+
+    from defectscope.models.model_files import CKPT_NAME, PARAMS_NAME, load_tensors, save_tensors
+
+    model = fallback_model()
+    model.eval()
+    model.save(tmp_path / "m")
+    params = json.loads((tmp_path / "m" / PARAMS_NAME).read_text())
+    for key in ("translate", "translate_max_images"):
+        params["hparams"].pop(key)
+    (tmp_path / "m" / PARAMS_NAME).write_text(json.dumps(params))
+    state = load_tensors(tmp_path / "m" / CKPT_NAME)
+    assert state["state_dict"].pop("translate_on") is not None
+    save_tensors(state, tmp_path / "m" / CKPT_NAME)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackboneFallbackNotice)
+        loaded = load_model(tmp_path / "m")
+    x = images(2, seed=3)
+    with torch.no_grad():
+        for a, b in zip(loaded(x), model(x)):
+            assert torch.equal(a, b)
+    assert not bool(loaded.translate_on)
+
+
 # ---- which teacher ---------------------------------------------------------------------------
 def test_without_resnet18_weights_the_teacher_falls_back_with_a_notice(empty_weight_caches):
     torch_home, _ = empty_weight_caches
