@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature map size as a multiple of the largest backbone map (reference: 2, 4x slower)")
     m.add_argument("--epochs", type=number(int, 1), default=None,
                    help=f"training epochs; None: the model's default (supersimplenet 10, the others {DEMO_EPOCHS}), "
-                        "raised on small training sets to at least 400 optimizer steps (supersimplenet, stfpm, "
-                        "simplenet; the papers use 100-300 epochs)")
+                        "raised on small training sets to a minimum of optimizer steps (supersimplenet and simplenet "
+                        "400, stfpm 1,200; the papers train far longer)")
     m.add_argument("--lr-scale", type=number(float, 0, low_open=True), default=2.0, help="multiplies the reference learning rates")
     m.add_argument("--no-test", action="store_true", help="train only")
     m.add_argument("--no-resume", action="store_true", help="start again even if the run folder has a checkpoint")
