@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--epochs", type=number(int, 1), default=None,
                    help=f"training epochs; None: the model's default (supersimplenet 10, the others {DEMO_EPOCHS}), "
                         "raised on small training sets to a minimum of optimizer steps (supersimplenet and simplenet "
-                        "400, stfpm 1,200; the papers train far longer)")
+                        "400, stfpm 1,200, efficientad 1,000; the papers train far longer)")
     m.add_argument("--lr-scale", type=number(float, 0, low_open=True), default=2.0, help="multiplies the reference learning rates")
     m.add_argument("--no-test", action="store_true", help="train only")
     m.add_argument("--no-resume", action="store_true", help="start again even if the run folder has a checkpoint")

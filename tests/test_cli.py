@@ -445,6 +445,14 @@ def test_default_epochs_give_small_training_sets_a_minimum_number_of_steps():
     assert default_epochs(ssn, 40, args) == 100
     assert default_epochs(ssn, 40, SimpleNamespace(batch_size=16, val_fraction=0.2)) == 200
     assert default_epochs(ssn, 40, SimpleNamespace(batch_size=None, val_fraction=0.0)) == 80
+    # EfficientAD trains at batch 1 without a default of its own (the demo's 3 epochs): 40 images,
+    # 32 trained, 32 epochs for its 1,000 steps; ELPV mono's 353 cells give 1,059 steps in 3.
+    from defectscope.models import EfficientAd
+
+    ead = SimpleNamespace(max_batch_size=EfficientAd.max_batch_size, min_default_steps=EfficientAd.min_default_steps)
+    assert (ead.max_batch_size, ead.min_default_steps) == (1, 1000)
+    assert default_epochs(ead, 40, args) == 32
+    assert default_epochs(ead, 441, args) == DEMO_EPOCHS == 3
     # A model without a step minimum keeps its epochs; one without a default gets the demo's.
     assert default_epochs(SimpleNamespace(default_epochs=7), 40, args) == 7
     assert default_epochs(SimpleNamespace(), 40, args) == DEMO_EPOCHS

@@ -339,6 +339,15 @@ class EfficientAd(AnomalyModel):
     train_on_images_and_features = True  # the engine caches the teacher's outputs beside the images
     min_batch_size = max_batch_size = 1
     batch_size_reason = "the paper trains EfficientAD on one image per step"
+    # `defectscope train` without --epochs: the demo's 3 epochs, raised to at least this many steps
+    # (defectscope/cli.py, default_epochs); the paper trains 70,000. Why 1,000: on 40 generated
+    # images (32 trained) 3 epochs are 96 steps and the loss is still falling fast (9.5 at epoch 3,
+    # 2.2 at epoch 32). One seed, Lite0-distilled PDN-S teacher, 96 -> 1,024 steps: grass image
+    # AUROC 0.762 -> 0.829 (nearest-neighbour floor 0.755), pixel AUROC 0.684 -> 0.722, AUPRO 0.511
+    # -> 0.555; gravel image 0.593 -> 0.571 (floor 0.640, within noise), pixel 0.472 -> 0.603, AUPRO
+    # 0.174 -> 0.306 (benchmarks/results/floor_synthetic.md). ELPV's 353+ trained cells already give
+    # over 1,000 steps in 3 epochs, so its default is unchanged.
+    min_default_steps = 1000
     scheduler_interval = "step"
 
     frozen_weights_arg = "teacher_weights"  # load_from_path(path, weights=...) re-points the teacher file
