@@ -172,6 +172,18 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "images (0: all)")
 
 
+def _epochs_help() -> str:
+    """--epochs help, read from each model's ``default_epochs`` and ``min_default_steps`` (the
+    numbers :func:`default_epochs` uses), so the help cannot drift from them."""
+    from defectscope.models import MODELS
+
+    epochs = ", ".join(f"{key} {getattr(cls, 'default_epochs', DEMO_EPOCHS)}" for key, cls in MODELS.items())
+    steps = ", ".join(f"{key} {cls.min_default_steps:,}" for key, cls in MODELS.items()
+                      if getattr(cls, "min_default_steps", None))
+    return (f"training epochs; None: the model's default ({epochs}), raised on small training sets to a minimum "
+            f"of optimizer steps ({steps}; the papers train far longer)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="defectscope", description=__doc__, formatter_class=fmt)
@@ -225,10 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "equally often); None: a quarter of the batch; 0: shuffle them in with the good images")
     m.add_argument("--upscale-factor", type=number(int, 1), default=1,
                    help="feature map size as a multiple of the largest backbone map (reference: 2, 4x slower)")
-    m.add_argument("--epochs", type=number(int, 1), default=None,
-                   help=f"training epochs; None: the model's default (supersimplenet 10, the others {DEMO_EPOCHS}), "
-                        "raised on small training sets to a minimum of optimizer steps (supersimplenet and simplenet "
-                        "400, stfpm 1,200, efficientad 1,000; the papers train far longer)")
+    m.add_argument("--epochs", type=number(int, 1), default=None, help=_epochs_help())
     m.add_argument("--lr-scale", type=number(float, 0, low_open=True), default=2.0, help="multiplies the reference learning rates")
     m.add_argument("--no-test", action="store_true", help="train only")
     m.add_argument("--no-resume", action="store_true", help="start again even if the run folder has a checkpoint")

@@ -449,13 +449,20 @@ def test_default_epochs_give_small_training_sets_a_minimum_number_of_steps():
     # 32 trained, 32 epochs for its 1,000 steps; ELPV mono's 353 cells give 1,059 steps in 3.
     from defectscope.models import EfficientAd
 
-    ead = SimpleNamespace(max_batch_size=EfficientAd.max_batch_size, min_default_steps=EfficientAd.min_default_steps)
-    assert (ead.max_batch_size, ead.min_default_steps) == (1, 1000)
-    assert default_epochs(ead, 40, args) == 32
-    assert default_epochs(ead, 441, args) == DEMO_EPOCHS == 3
+    assert (EfficientAd.max_batch_size, EfficientAd.min_default_steps) == (1, 1000)
+    assert default_epochs(EfficientAd, 40, args) == 32
+    assert default_epochs(EfficientAd, 441, args) == DEMO_EPOCHS == 3
     # A model without a step minimum keeps its epochs; one without a default gets the demo's.
     assert default_epochs(SimpleNamespace(default_epochs=7), 40, args) == 7
     assert default_epochs(SimpleNamespace(), 40, args) == DEMO_EPOCHS
+    # --help states each model's minimum, read from the classes.
+    from defectscope.cli import build_parser
+
+    epochs_help = next(a.help for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                       if "--epochs" in a.option_strings)
+    for words in ("supersimplenet 10", "stfpm 3", "supersimplenet 400", "simplenet 400", "stfpm 1,200",
+                  "efficientad 1,000"):
+        assert words in epochs_help
 
 
 @pytest.mark.parametrize("name", ["stfpm", "simplenet"])
