@@ -85,24 +85,31 @@ HARD_FRACTION = 1.0
 # only slows the fit: ELPV mono, 441 cells, hand loop of 1,100 steps, image AUROC 0.932 with shifts
 # against 0.952 without. Translation only: flips and rotations would teach the student that a part
 # may appear mirrored or turned, which aligned parts never are.
+# The shift is a crop at a random offset, not a shifted window of the mirror-padded image: a mirrored
+# border puts seams and reversed texture in every training image, which the student then learns to
+# call normal. Generated textures, 40 images, 1,200 steps, one seed, image / pixel AUROC with crops
+# against mirrored shifts: fabric 0.941 / 0.885 vs 0.895 / 0.798 (no shifts 0.913 / 0.807), gravel
+# 0.665 / 0.803 vs 0.614 / 0.781, grass 0.791 / 0.868 vs 0.804 / 0.857.
 TRANSLATE = 0.125
 TRANSLATE_MAX_IMAGES = 100
 
 
-def random_translate(images: torch.Tensor, max_fraction: float) -> torch.Tensor:
-    """``[B,C,H,W]`` -> the same shape, each image shifted by its own random whole number of
-    pixels, up to ``max_fraction`` of its height and width in each direction; the edge it
-    uncovers is filled by mirroring (no black borders for the teacher to call unusual)."""
+def random_crop(images: torch.Tensor, max_fraction: float) -> torch.Tensor:
+    """``[B,C,H,W]`` -> ``[B,C,H-ph,W-pw]`` with ``ph = int(max_fraction * H)`` (``pw`` likewise):
+    each image cropped at its own random whole-pixel offset in ``[0, ph] x [0, pw]``, so any two
+    crops are shifted against each other by up to ``max_fraction`` of the side. Every pixel of a
+    crop is a pixel of the image (no padding, no mirrored seams); the student and the teacher are
+    fully convolutional, so they take the smaller size."""
     height, width = images.shape[-2:]
-    pad_h, pad_w = int(max_fraction * height), int(max_fraction * width)
-    if pad_h == 0 and pad_w == 0:
+    crop_h, crop_w = int(max_fraction * height), int(max_fraction * width)
+    if crop_h == 0 and crop_w == 0:
         return images
-    # Reflection cannot pad by the side or more.
-    pad_h, pad_w = min(pad_h, height - 1), min(pad_w, width - 1)
-    padded = F.pad(images, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
-    dy = torch.randint(0, 2 * pad_h + 1, (len(images),)).tolist()
-    dx = torch.randint(0, 2 * pad_w + 1, (len(images),)).tolist()
-    return torch.stack([p[:, y:y + height, x:x + width] for p, y, x in zip(padded, dy, dx)])
+    # Keep at least one pixel.
+    crop_h, crop_w = min(crop_h, height - 1), min(crop_w, width - 1)
+    dy = torch.randint(0, crop_h + 1, (len(images),)).tolist()
+    dx = torch.randint(0, crop_w + 1, (len(images),)).tolist()
+    return torch.stack([image[:, y:y + height - crop_h, x:x + width - crop_w]
+                        for image, y, x in zip(images, dy, dx)])
 
 
 def default_layers(backbone: str) -> list[str]:
@@ -248,8 +255,10 @@ class Stfpm(AnomalyModel):
             better after short training here) or ``"mean"`` (the paper's formula per batch).
         hard_fraction: share of each layer's positions in a batch, the worst-fitted ones, that the
             loss averages (hard-feature mining; 1.0: all of them, the paper's loss).
-        translate: largest random shift of each training image, a fraction of its side, with the
-            teacher's maps computed on the shifted image (0: none, the cached maps are used).
+        translate: largest random shift of each training image, a fraction of its side: the
+            student trains on a crop of each image that leaves out that fraction of its height and
+            width, at a random offset, with the teacher's maps computed on the crop (0: none, the
+            cached maps of the whole images are used).
         translate_max_images: shift only when the training set has at most this many images
             (:meth:`fit_feature_statistics` decides; larger sets train on the cached maps).
         pre_processor: resize and normalise inputs in :meth:`predict` (False: already pre-processed tensors).
@@ -381,11 +390,11 @@ class Stfpm(AnomalyModel):
         """One step: ``images`` ``[B,3,H,W]`` normalised, ``features`` their cached
         :meth:`extract_features` rows ``[B, D]`` -> the scalar loss (:func:`pyramid_loss`).
         On a small training set (``translate_on``, see :meth:`fit_feature_statistics`) the images
-        are shifted (:func:`random_translate`) and the teacher's maps are computed on the shifted
-        images instead of read from ``features``."""
+        are cropped at random offsets (:func:`random_crop`) and the teacher's maps are computed on
+        the crops instead of read from ``features``."""
         images = self.roi_images(images)
         if self.translate_on:
-            images = random_translate(images, self.translate)
+            images = random_crop(images, self.translate)
             with torch.no_grad():
                 teacher_maps = list(self.feature_extractor(images).values())
             return pyramid_loss(teacher_maps, self.student(images), self.batch_reduction, self.hard_fraction)

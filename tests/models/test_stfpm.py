@@ -18,7 +18,7 @@ from defectscope.models.stfpm import (
     default_layers,
     fallback_layers,
     pyramid_loss,
-    random_translate,
+    random_crop,
 )
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
@@ -134,23 +134,23 @@ def test_hard_fraction_averages_the_worst_fitted_positions_of_each_layer():
         random_resnet18(hard_fraction=1.5)
 
 
-def test_random_translate_shifts_each_image_within_the_mirrored_border():
+def test_random_crop_takes_each_image_at_its_own_offset_without_padding():
     x = images(6, size=16)
     torch.manual_seed(0)
-    shifted = random_translate(x, 0.25)
-    assert shifted.shape == x.shape
-    # Reference: every crop of the mirror-padded image (numpy's "reflect" = torch's), by brute force.
-    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)), mode="reflect")
+    cropped = random_crop(x, 0.25)
+    assert cropped.shape == (6, 3, 12, 12)
+    # Reference: every 12x12 window of the image itself, by brute force (no padded pixels allowed).
     offsets = []
     for k in range(len(x)):
-        found = [(dy, dx) for dy in range(9) for dx in range(9)
-                 if np.array_equal(padded[k, :, dy:dy + 16, dx:dx + 16], shifted[k].numpy())]
-        assert found, f"image {k} is not a shifted window of its mirrored input"
+        found = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if torch.equal(x[k, :, dy:dy + 12, dx:dx + 12], cropped[k])]
+        assert found, f"image {k} is not a window of its own pixels"
         offsets.append(found[0])
-    # Independent shifts per image, not all zero.
-    assert len(set(offsets)) > 1 and any(o != (4, 4) for o in offsets)
-    assert torch.equal(random_translate(x, 0.0), x)
-    assert torch.equal(random_translate(x, 0.05), x)  # under a pixel at 16 px
+    # Independent offsets per image.
+    assert len(set(offsets)) > 1
+    assert torch.equal(random_crop(x, 0.0), x)
+    assert torch.equal(random_crop(x, 0.05), x)  # under a pixel at 16 px
+    assert random_crop(images(2, size=4), 1.0).shape[-2:] == (1, 1)  # keeps at least one pixel
 
 
 def test_translate_trains_on_the_teacher_maps_of_the_shifted_images():
@@ -162,8 +162,8 @@ def test_translate_trains_on_the_teacher_maps_of_the_shifted_images():
     torch.manual_seed(5)
     loss = model.training_step_images(x, torch.zeros(3, 1).double())  # cached features are not used
     torch.manual_seed(5)
-    shifted = random_translate(x, 0.125)
-    assert not torch.equal(shifted, x)
+    shifted = random_crop(x, 0.125)
+    assert shifted.shape[-1] < x.shape[-1]
     teacher = [m.detach() for m in model.feature_extractor(shifted).values()]
     student = [m.detach() for m in model.student(shifted)]
     assert loss.item() == pytest.approx(pyramid_loss(teacher, student).item(), rel=1e-9)
