@@ -3,7 +3,8 @@
 Run by hand (not in CI):
     python benchmarks/floor_synthetic.py [--models supersimplenet simplenet stfpm efficientad]
         [--categories grass gravel fabric] [--seeds 0] [--threads 1] [--image-size S]
-        [--teacher FILE] [--quick] [--report-only]
+        [--teacher FILE] [--quick] [--report-only] [--n-test-good N --n-test-defect N]
+        [--trained RUN_DIR ...]
 
 Data: one generated MVTec-layout category per texture (``make_synthetic_mvtec``, data seed 0, the
 same images for every model and training seed): 40 good training images, 20 good + 40 defective
@@ -44,6 +45,11 @@ resumes and ``--report-only`` rebuilds the report; with ``--work DIR --resume-tr
 stopped mid-way continues from its checkpoint (EfficientAD on ELPV poly takes about 3 h on one
 core). ``--quick`` (8 training images, 1 epoch) smoke-tests the whole path and writes
 floor_synthetic_quick.{md,jsonl} instead.
+
+A larger test set (``--n-test-good``, ``--n-test-defect``; the training images stay the same, as
+every generated image has its own random stream) writes floor_synthetic_testG+D.{md,jsonl}.
+``--trained RUN_DIR ...`` tests models trained earlier on the same training images (checked byte
+by byte against the run's recorded data folder) instead of training them again.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("supersimplenet", "simplenet", "stfpm", "efficientad")
 CATEGORIES = ("grass", "gravel", "fabric")
+N_TEST_GOOD, N_TEST_DEFECT = 20, 40
 DEFAULT_TEACHER = "/tmp/efficientad_teacher/teacher_s_lite0.pth"
 FLOOR_FEATURES = {
     "supersimplenet": "model.extract_features (Lite0 blocks.2+4, 3x3 avg)",
@@ -138,12 +145,6 @@ def nn_floor(model, key: str, split, bank_size: int, seed: int = 0) -> tuple[np.
 
 # ---- one run ------------------------------------------------------------------------------
 def train_one(args, data_root: Path, category: str, key: str, seed: int, work: Path) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    from defectscope.cli import main as cli
-    from defectscope.data import elpv_split, mvtec_split
-    from defectscope.models import load_model
-
     run_name = f"{category}_{key}_s{seed}"
     results_path = work / "runs"
     data_args = (["--data", "elpv"] if args.data == "elpv" else ["--data", "mvtec", "--data-path", str(data_root)])
@@ -159,6 +160,16 @@ def train_one(args, data_root: Path, category: str, key: str, seed: int, work: P
     if key == "efficientad":
         argv += ["--teacher-weights", args.teacher]
     started = time.time()
+    _cli(argv)
+    seconds = time.time() - started
+    run_dir = results_path / "defectscope" / args.data_group / run_name
+    return evaluate(args, data_root, category, key, seed, run_dir, run_dir, seconds)
+
+
+def _cli(argv: list[str]) -> None:
+    """Run ``defectscope ARGV`` in this process, its output shown only when it fails."""
+    from defectscope.cli import main as cli
+
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
@@ -166,14 +177,63 @@ def train_one(args, data_root: Path, category: str, key: str, seed: int, work: P
     except BaseException:
         sys.stdout.write(log.getvalue())
         raise
-    seconds = time.time() - started
     if rc:
         sys.stdout.write(log.getvalue())
         raise RuntimeError(f"defectscope {' '.join(argv)} exited with {rc}")
-    run_dir = results_path / "defectscope" / args.data_group / run_name
-    with open(run_dir / "results.csv") as fh:
-        row = next(r for r in csv.DictReader(fh) if r.get("category") == category)
 
+
+def trained_run_info(run_dir: Path) -> dict:
+    """A run folder's model, category, training seed and training-image folder (from its params.json)."""
+    params_files = sorted(Path(run_dir).glob("models/*/params.json"))
+    if len(params_files) != 1:
+        raise ValueError(f"{run_dir}: expected one models/<n>/params.json (a one-category run), found {len(params_files)}")
+    params = json.loads(params_files[0].read_text())
+    data = params.get("data") or {}
+    if data.get("data") != "mvtec" or not data.get("data_path"):
+        raise ValueError(f"{run_dir}: not trained on an MVTec-layout folder ({data.get('data')!r})")
+    return {"model": params["model"], "category": data["category"], "seed": params["training"]["seed"],
+            "train_dir": Path(data["data_path"]) / data["category"] / "train" / "good"}
+
+
+def check_same_training_images(run_dir: Path, train_dir: Path, data_root: Path, category: str) -> None:
+    """Refuse a trained run whose training images differ from this benchmark's (byte by byte)."""
+    ours = data_root / category / "train" / "good"
+    theirs = sorted(p.name for p in train_dir.glob("*.png")) if train_dir.is_dir() else []
+    if not theirs:
+        raise ValueError(f"{run_dir}: its training images ({train_dir}) are gone, so it cannot be checked against "
+                         "this benchmark's data. Fix: train it again here (leave it out of --trained).")
+    mine = sorted(p.name for p in ours.glob("*.png"))
+    if theirs != mine or any((train_dir / n).read_bytes() != (ours / n).read_bytes() for n in mine):
+        raise ValueError(f"{run_dir}: trained on other images than {ours} ({train_dir}). Fix: pass --n-train and the "
+                         "data seed it was trained with, or train it again here.")
+
+
+def rescore_one(args, data_root: Path, category: str, run_dir: Path, work: Path) -> dict:
+    """A model trained earlier on the same training images, tested on this benchmark's test set."""
+    info = trained_run_info(run_dir)
+    check_same_training_images(run_dir, info["train_dir"], data_root, category)
+    run_name = f"{category}_{info['model']}_s{info['seed']}_test"
+    results_path = work / "tests"
+    _cli(["test", "--model-path", str(run_dir), "--data", "mvtec", "--data-path", str(data_root),
+          "--category", category, "--results-path", str(results_path), "--run-name", run_name,
+          "--no-images", "--no-progress"])
+    test_dir = results_path / "defectscope" / args.data_group / run_name
+    result = evaluate(args, data_root, category, info["model"], info["seed"], run_dir, test_dir, None)
+    result["trained_run"] = str(run_dir)
+    return result
+
+
+def evaluate(args, data_root: Path, category: str, key: str, seed: int, run_dir: Path, results_dir: Path,
+             seconds: float | None) -> dict:
+    """Score the trained model in ``run_dir`` on the test set (``model.predict``) and the NN floor;
+    results_dir/results.csv holds the engine's metrics on the same test set."""
+    from sklearn.metrics import roc_auc_score
+
+    from defectscope.data import elpv_split, mvtec_split
+    from defectscope.models import load_model
+
+    with open(results_dir / "results.csv") as fh:
+        row = next(r for r in csv.DictReader(fh) if r.get("category") == category)
     split = elpv_split(category, seed=0) if args.data == "elpv" else mvtec_split(data_root, category)
     model = load_model(run_dir)
     started_scores = time.time()
@@ -196,7 +256,7 @@ def train_one(args, data_root: Path, category: str, key: str, seed: int, work: P
         "image_auroc": metric("image_auroc"), "pixel_auroc": metric("pixel_auroc"), "aupro": metric("aupro"),
         "image_auroc_predict": float(roc_auc_score(labels, scores)),
         "floor_image_auroc": float(roc_auc_score(labels, floor)),
-        "seconds": round(seconds, 1), "score_seconds": round(score_seconds, 1),
+        "seconds": round(seconds, 1) if seconds is not None else None, "score_seconds": round(score_seconds, 1),
         "floor_seconds": round(floor_seconds, 1),
         "backbone": params["hparams"].get("backbone"), "layers": params["hparams"].get("layers"),
         "backbone_fallback": params.get("backbone_fallback"), "trained_epochs": params["training"].get("epochs"),
@@ -254,6 +314,14 @@ def _summary(values: list) -> str:
     return f"{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+def _seconds(runs: list[dict]) -> str:
+    """Mean training + test seconds of the runs trained by this benchmark ('earlier run' for reused ones)."""
+    timed = [r["seconds"] for r in runs if r.get("seconds") is not None]
+    text = f"{np.mean(timed):.0f}" if timed else ""
+    reused = len(runs) - len(timed)
+    return (text + (" + " if text else "") + f"{reused} earlier run{'s' if reused > 1 else ''}") if reused else text
+
+
 def write_report(args, runs: list[dict], path: Path, command: str) -> None:
     runs = [r for r in runs if _same_config(r, args) and r["model"] in args.models
             and r["category"] in args.categories and r["seed"] in args.seeds]
@@ -306,9 +374,13 @@ def write_report(args, runs: list[dict], path: Path, command: str) -> None:
                 f"| {key} | {backbone} | {len(mine)} | {_summary([r['image_auroc'] for r in mine])} | "
                 f"{_summary([r['pixel_auroc'] for r in mine])} | {_summary([r['aupro'] for r in mine])} | "
                 f"{_summary([r['floor_image_auroc'] for r in mine])} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | "
-                f"{below:.2f} | {mine[0].get('trained_epochs') or '-'} | {np.mean([r['seconds'] for r in mine]):.0f} | {mine[0]['floor_seconds']:.0f} | "
+                f"{below:.2f} | {mine[0].get('trained_epochs') or '-'} | {_seconds(mine)} | {mine[0]['floor_seconds']:.0f} | "
                 f"{mine[0]['floor_features']}; {info['patches_per_image']} patches x {info['channels']} ch, "
                 f"bank {info['bank']} |")
+        reused = [r for r in rows if r.get("trained_run")]
+        if reused:
+            lines += ["", "Trained earlier on the same training images and tested here (`--trained`): "
+                      + ", ".join(f"{r['model']} seed {r['seed']} (`{r['trained_run']}`)" for r in reused) + "."]
         mismatch = [r for r in rows if r["image_auroc"] is not None
                     and abs(r["image_auroc"] - r["image_auroc_predict"]) > 1e-3]
         if mismatch:
@@ -333,12 +405,16 @@ def main() -> None:
     ap.add_argument("--bank", type=int, default=50000, help="memory-bank patches (0: every training patch)")
     ap.add_argument("--rounds", type=int, default=2000, help="bootstrap rounds")
     ap.add_argument("--n-train", type=int, default=40)
-    ap.add_argument("--n-test-good", type=int, default=20)
-    ap.add_argument("--n-test-defect", type=int, default=40)
+    ap.add_argument("--n-test-good", type=int, default=N_TEST_GOOD)
+    ap.add_argument("--n-test-defect", type=int, default=N_TEST_DEFECT)
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 training images, 1 epoch, own output files")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the runs file")
     ap.add_argument("--work", default=None, help="folder for data and run folders (default: a temporary one, removed)")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--trained", nargs="+", default=[], type=Path, metavar="RUN_DIR",
+                    help="run folders of models trained earlier on this benchmark's training images (same "
+                         "--n-train, data seed 0; checked byte by byte): they are tested on this test set "
+                         "instead of trained again (e.g. a larger --n-test-good / --n-test-defect)")
     ap.add_argument("--resume-training", action="store_true",
                     help="with --work: continue a stopped training from its run folder's last.ckpt instead of "
                          "starting it again (the engine refuses a checkpoint written with other settings)")
@@ -352,7 +428,12 @@ def main() -> None:
     if args.quick:
         args.n_train = 8
     torch.set_num_threads(args.threads)
+    if args.trained and args.data == "elpv":
+        ap.error("--trained is for the synthetic set only")
     stem = ("floor_elpv" if args.data == "elpv" else "floor_synthetic") + ("_quick" if args.quick else "")
+    if args.data != "elpv" and (args.n_test_good, args.n_test_defect) != (N_TEST_GOOD, N_TEST_DEFECT):
+        # Another test set: its own report and runs file, the default one's rows stay as they are.
+        stem += f"_test{args.n_test_good}+{args.n_test_defect}"
     runs_file, report = RESULTS / f"{stem}_runs.jsonl", RESULTS / f"{stem}.md"
     command = "python benchmarks/floor_synthetic.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     RESULTS.mkdir(exist_ok=True)
@@ -364,6 +445,11 @@ def main() -> None:
         done = {(r["category"], r["model"], r["seed"]) for r in load_runs(runs_file) if _same_config(r, args)}
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="floor_synthetic_"))
         try:
+            trained = {}
+            for run_dir in args.trained:
+                info = trained_run_info(run_dir)
+                if info["model"] in args.models and info["seed"] in args.seeds:
+                    trained[(info["category"], info["model"], info["seed"])] = run_dir
             for category in args.categories:
                 todo = [(k, s) for k in args.models for s in args.seeds if (category, k, s) not in done]
                 if not todo:
@@ -372,13 +458,18 @@ def main() -> None:
                 if args.data != "elpv":
                     make_data(data_root, category, args)
                 for key, seed in todo:
-                    print(f"[{category}] {key} seed {seed} ...", flush=True)
-                    result = train_one(args, data_root, category, key, seed, work)
+                    run_dir = trained.get((category, key, seed))
+                    print(f"[{category}] {key} seed {seed} {'(trained: ' + str(run_dir) + ')' if run_dir else ''}...",
+                          flush=True)
+                    if run_dir:
+                        result = rescore_one(args, data_root, category, run_dir, work)
+                    else:
+                        result = train_one(args, data_root, category, key, seed, work)
                     with open(runs_file, "a") as fh:
                         fh.write(json.dumps(result) + "\n")
                     print(f"[{category}] {key} seed {seed}: image {result['image_auroc']} pixel {result['pixel_auroc']} "
                           f"aupro {result['aupro']} floor {result['floor_image_auroc']:.3f} "
-                          f"({result['seconds']:.0f} s + floor {result['floor_seconds']:.0f} s)", flush=True)
+                          f"({_seconds([result])} s + floor {result['floor_seconds']:.0f} s)", flush=True)
         finally:
             if not args.work:
                 shutil.rmtree(work, ignore_errors=True)

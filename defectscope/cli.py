@@ -148,12 +148,22 @@ def _add_threshold_options(p: argparse.ArgumentParser, for_test: bool = False) -
                    help="false-reject rate the threshold is set for (0.01: 1 in 100 good parts rejected)")
 
 
-def _add_engine_options(p: argparse.ArgumentParser) -> None:
+def _add_engine_options(p: argparse.ArgumentParser, for_test: bool = False) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--results-path", default="results", help="root of run folders")
-    g.add_argument("--project", default="defectscope", help="run folder level 1")
-    g.add_argument("--group", default=None, help="run folder level 2; None: the data set name")
-    g.add_argument("--run-name", default=None, help="run folder level 3; None: a timestamp")
+    if for_test:
+        # None = not given: results.csv and overlays go to the model's own run folder.
+        where = ("; none of the four given: the model's own run folder (its results.csv row for this data and "
+                 "category is replaced). Give one to keep the test apart, e.g. on a second data set")
+        g.add_argument("--results-path", default=None, help="root of the folder the test writes to; None: results"
+                       + where)
+        g.add_argument("--project", default=None, help="its level 1; None: defectscope")
+        g.add_argument("--group", default=None, help="its level 2; None: the data set name")
+        g.add_argument("--run-name", default=None, help="its level 3; None: the model's run name + '_test'")
+    else:
+        g.add_argument("--results-path", default="results", help="root of run folders")
+        g.add_argument("--project", default="defectscope", help="run folder level 1")
+        g.add_argument("--group", default=None, help="run folder level 2; None: the data set name")
+        g.add_argument("--run-name", default=None, help="run folder level 3; None: a timestamp")
     g.add_argument("--batch-size", type=number(int, 1), default=None,
                    help="images per step; None: 8 (SuperSimpleNet's paper: 32; 8 learns more per CPU-minute), or "
                         "what the model trains at (efficientad: 1, as its reference)")
@@ -267,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(test)
     # None = not given: the run's own data settings (run.json) fill them in.
     test.set_defaults(**{name: None for name in DATA_OPTIONS})
-    _add_engine_options(test)
+    _add_engine_options(test, for_test=True)
     _add_threshold_options(test, for_test=True)
     test.add_argument("--update-threshold", action="store_true",
                       help="set the model's threshold again on this test set's scores (with --threshold-rule / "
@@ -786,19 +796,29 @@ def cmd_test(args) -> int:
     if own_data and run is not None:
         print(f"Testing on the run's own data ({RUN_FILE}): --data {args.data}"
               + (f" --category {' '.join(args.category)}" if args.category else ""))
+    if any(v is not None for v in (args.results_path, args.project, args.group, args.run_name)):
+        if args.update_threshold:
+            raise UsageError("--update-threshold saves the model in its own run folder, so its test results go "
+                             "there too. Fix: leave out --results-path, --project, --group and --run-name, or test "
+                             "without --update-threshold.")
+        out = dict(results_path=args.results_path or "results", project=args.project or "defectscope",
+                   group=args.group or args.data, run_name=args.run_name or f"{run_dir.name}_test")
+    else:
+        out = dict(results_path=run_dir.parent.parent.parent, project=run_dir.parent.parent.name,
+                   group=run_dir.parent.name, run_name=run_dir.name)
+    out_dir = Path(out["results_path"]) / out["project"] / out["group"] / out["run_name"]
     rows = []
     for category, split in _splits(args):
         folder = find_model_dir(args.model_path, category=category)
         model = load_model(folder)
-        engine = _engine(args, results_path=run_dir.parent.parent.parent, project=run_dir.parent.parent.name,
-                         group=run_dir.parent.name, run_name=run_dir.name)
+        engine = _engine(args, **out)
         engine.model_index = int(folder.name) if folder.name.isdigit() else 0
         metrics = engine.test(model, split.test, category=category, save_images=not args.no_images,
                               max_images=args.max_images or None, update_threshold=args.update_threshold,
                               data_name=args.data)
         metrics["notes"] = _merge_notes(split.notes, metrics["notes"])
         rows.append(metrics)
-    _print_metrics(rows, run_dir)
+    _print_metrics(rows, out_dir)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +127,31 @@ def test_test_command_reproduces_the_training_metrics(trained, tmp_path):
     assert {k: v for k, v in rows[1].items() if k != "data"} == {k: v for k, v in rows[0].items() if k != "data"}
     # test measures, it never changes the model.
     assert (run_dir / "models" / "0" / "params.json").read_bytes() == params_before
+
+
+def test_test_writes_elsewhere_when_asked_and_leaves_the_run_folder_alone(trained, tmp_path, capsys):
+    run_dir = tmp_path / "results" / "defectscope" / "synthetic" / "apart"
+    shutil.copytree(trained["run_dir"], run_dir)
+    before = (run_dir / "results.csv").read_bytes()
+    code = run_cli(["test", "--model-path", run_dir, "--data", "mvtec", "--data-path", trained["data"],
+                    "--category", CATEGORY, "--results-path", tmp_path / "elsewhere", "--no-images", *FAST])
+    assert code == 0
+    # The run's own results stay; the test's row is in results/defectscope/<data>/<run name>_test.
+    assert (run_dir / "results.csv").read_bytes() == before
+    out = tmp_path / "elsewhere" / "defectscope" / "mvtec" / "apart_test"
+    rows = read_csv(out / "results.csv")
+    assert [(r["data"], r["category"]) for r in rows] == [("mvtec", CATEGORY)]
+    assert {k: v for k, v in rows[0].items() if k != "data"} == {
+        k: v for k, v in trained["results"][0].items() if k != "data"}
+    assert str(out) in capsys.readouterr().out.replace("\n", "")
+    # A run name alone: under ./results (the current folder).
+    code = run_cli(["test", "--model-path", run_dir, "--run-name", "second", "--no-images", *FAST])
+    assert code == 0 and (Path("results") / "defectscope" / "synthetic" / "second" / "results.csv").is_file()
+    # --update-threshold saves the model where it lives, so it cannot go elsewhere.
+    params = (run_dir / "models" / "0" / "params.json").read_bytes()
+    code = run_cli(["test", "--model-path", run_dir, "--run-name", "third", "--update-threshold", *FAST])
+    assert code == 2 and "--update-threshold" in capsys.readouterr().err
+    assert (run_dir / "models" / "0" / "params.json").read_bytes() == params
 
 
 def test_predict_command_scores_a_folder(trained, tmp_path):
