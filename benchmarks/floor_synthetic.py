@@ -469,7 +469,8 @@ def main() -> None:
                         fh.write(json.dumps(result) + "\n")
                     print(f"[{category}] {key} seed {seed}: image {result['image_auroc']} pixel {result['pixel_auroc']} "
                           f"aupro {result['aupro']} floor {result['floor_image_auroc']:.3f} "
-                          f"({_seconds([result])} s + floor {result['floor_seconds']:.0f} s)", flush=True)
+                          f"({_seconds([result])}{' s' if result['seconds'] is not None else ''} + floor "
+                          f"{result['floor_seconds']:.0f} s)", flush=True)
         finally:
             if not args.work:
                 shutil.rmtree(work, ignore_errors=True)
