@@ -314,6 +314,34 @@ def _summary(values: list) -> str:
     return f"{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+def per_kind_table(rows: list[dict], models) -> list[str]:
+    """Markdown lines: per model, the image AUROC of the good test images against each defect kind
+    alone (mean over seeds), with the floor's beside it, so a gap can be traced to the kinds it
+    comes from."""
+    from sklearn.metrics import roc_auc_score
+
+    first = rows[0]
+    kinds = [Path(p).parts[2] if len(Path(p).parts) > 3 else "?" for p in first["paths"]]
+    labels = np.asarray(first["labels"])
+    names = sorted({k for k, y in zip(kinds, labels) if y == 1})
+    kinds = np.asarray(kinds)
+    lines = ["Per defect kind (good test images against that kind only): model, mean over seeds (NN floor).", "",
+             "| model | " + " | ".join(f"{n} ({int((kinds == n).sum())})" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for key in models:
+        mine = [r for r in rows if r["model"] == key]
+        if not mine:
+            continue
+        cells = []
+        for name in names:
+            pick = (labels == 0) | (kinds == name)
+            model = np.mean([roc_auc_score(labels[pick], np.asarray(r["scores"])[pick]) for r in mine])
+            floor = roc_auc_score(labels[pick], np.asarray(mine[0]["floor_scores"])[pick])
+            cells.append(f"{model:.3f} ({floor:.3f})")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _seconds(runs: list[dict]) -> str:
     """Mean training + test seconds of the runs trained by this benchmark ('earlier run' for reused ones)."""
     timed = [r["seconds"] for r in runs if r.get("seconds") is not None]
@@ -377,6 +405,8 @@ def write_report(args, runs: list[dict], path: Path, command: str) -> None:
                 f"{below:.2f} | {mine[0].get('trained_epochs') or '-'} | {_seconds(mine)} | {mine[0]['floor_seconds']:.0f} | "
                 f"{mine[0]['floor_features']}; {info['patches_per_image']} patches x {info['channels']} ch, "
                 f"bank {info['bank']} |")
+        if args.data != "elpv":
+            lines += ["", *per_kind_table(rows, args.models)]
         reused = [r for r in rows if r.get("trained_run")]
         if reused:
             lines += ["", "Trained earlier on the same training images and tested here (`--trained`): "
