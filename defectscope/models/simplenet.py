@@ -243,7 +243,8 @@ class SimpleNet(AnomalyModel):
     # on small training sets (defectscope/cli.py, default_epochs). Generated grass, 32 training
     # images (4 steps an epoch): 3 epochs scored image AUROC 0.594 against the nearest-neighbour
     # floor's 0.686; 25 epochs 0.726 and 100 epochs 0.795 (1024-wide features; 384: 0.756 and
-    # 0.828). benchmarks/results/floor_synthetic.md has every model against its floor.
+    # 0.828; 60 test images, benchmarks/results/floor_synthetic.md). floor_synthetic_test100+120.md
+    # has every model against its floor on 220 test images.
     default_epochs = 3
     min_default_steps = 400
 
