@@ -64,6 +64,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -324,28 +325,75 @@ def per_kind_table(rows: list[dict], models) -> list[str]:
     """Markdown lines: per model, the image AUROC of the good test images against each defect kind
     alone (mean over seeds), with the floor's beside it, so a gap can be traced to the kinds it
     comes from."""
+    lines = []
+    for key in models:
+        if not any(r["model"] == key for r in rows):
+            continue
+        names, model, floor = kind_aurocs(rows, key)
+        if not lines:
+            counts = Counter(Path(p).parts[2] for p, y in zip(rows[0]["paths"], rows[0]["labels"]) if y == 1)
+            lines = ["Per defect kind (good test images against that kind only): model, mean over seeds (NN floor).",
+                     "", "| model | " + " | ".join(f"{n} ({counts[n]})" for n in names) + " |",
+                     "|---|" + "---|" * len(names)]
+        lines.append(f"| {key} | " + " | ".join(f"{m:.3f} ({f:.3f})" for m, f in zip(model, floor)) + " |")
+    return lines
+
+
+def kind_aurocs(rows: list[dict], key: str) -> tuple[list[str], list[float], list[float]]:
+    """Defect kinds, the model's image AUROC on good vs each kind alone (mean over seeds) and the floor's."""
     from sklearn.metrics import roc_auc_score
 
-    first = rows[0]
-    kinds = [Path(p).parts[2] if len(Path(p).parts) > 3 else "?" for p in first["paths"]]
-    labels = np.asarray(first["labels"])
+    mine = [r for r in rows if r["model"] == key]
+    kinds = np.asarray([Path(p).parts[2] if len(Path(p).parts) > 3 else "?" for p in mine[0]["paths"]])
+    labels = np.asarray(mine[0]["labels"])
     names = sorted({k for k, y in zip(kinds, labels) if y == 1})
-    kinds = np.asarray(kinds)
-    lines = ["Per defect kind (good test images against that kind only): model, mean over seeds (NN floor).", "",
-             "| model | " + " | ".join(f"{n} ({int((kinds == n).sum())})" for n in names) + " |",
-             "|---|" + "---|" * len(names)]
-    for key in models:
-        mine = [r for r in rows if r["model"] == key]
-        if not mine:
-            continue
-        cells = []
-        for name in names:
-            pick = (labels == 0) | (kinds == name)
-            model = np.mean([roc_auc_score(labels[pick], np.asarray(r["scores"])[pick]) for r in mine])
-            floor = roc_auc_score(labels[pick], np.asarray(mine[0]["floor_scores"])[pick])
-            cells.append(f"{model:.3f} ({floor:.3f})")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return lines
+    model, floor = [], []
+    for name in names:
+        pick = (labels == 0) | (kinds == name)
+        model.append(float(np.mean([roc_auc_score(labels[pick], np.asarray(r["scores"])[pick]) for r in mine])))
+        floor.append(float(roc_auc_score(labels[pick], np.asarray(mine[0]["floor_scores"])[pick])))
+    return names, model, floor
+
+
+def plot_kinds(runs: list[dict], args, path: Path) -> bool:
+    """One panel per category: per model and defect kind, image AUROC minus the floor's (colour) with
+    the model's AUROC written in; False when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = [c for c in args.categories if any(r["category"] == c for r in runs)]
+    if not categories:
+        return False
+    models = [m for m in args.models if any(r["model"] == m for r in runs)]
+    fig, axes = plt.subplots(1, len(categories), figsize=(4.2 * len(categories), 3.2), squeeze=False)
+    for ax, category in zip(axes[0], categories):
+        rows = [r for r in runs if r["category"] == category]
+        present = [m for m in models if any(r["model"] == m for r in rows)]
+        names = kind_aurocs(rows, present[0])[0]
+        grid = np.full((len(models), len(names)), np.nan)
+        values = np.full((len(models), len(names)), np.nan)
+        for i, key in enumerate(models):
+            if key in present:
+                _, model, floor = kind_aurocs(rows, key)
+                grid[i], values[i] = np.subtract(model, floor), model
+        image = ax.imshow(grid, cmap="RdBu", vmin=-0.25, vmax=0.25)
+        for i, row in enumerate(values):
+            for j, value in enumerate(row):
+                if value != value:  # this model was not run on this category
+                    continue
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(grid[i][j]) > 0.15 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        # Model names on the first panel only (the panels' rows are the same models).
+        ax.set_yticks(range(len(models)), models if ax is axes[0][0] else [], fontsize=8)
+        ax.set_title(category, fontsize=10)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="image AUROC - NN floor's")
+    fig.suptitle("Good vs one defect kind: model image AUROC (text), minus the floor's (colour)", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
 
 
 def _seconds(runs: list[dict]) -> str:
@@ -424,6 +472,8 @@ def write_report(args, runs: list[dict], path: Path, command: str) -> None:
                       + ", ".join(f"{r['model']} seed {r['seed']} ({r['image_auroc_predict']:.3f})" for r in mismatch)
                       + "; the bootstrap uses the predict scores."]
         lines.append("")
+    if args.data != "elpv" and plot_kinds(runs, args, path.with_name(path.stem + "_kinds.png")):
+        lines[2:2] = [f"![per-kind AUROC against the floor]({path.stem}_kinds.png)", ""]
     path.write_text("\n".join(lines))
     print(f"wrote {path}")
 
