@@ -331,7 +331,7 @@ def per_kind_table(rows: list[dict], models) -> list[str]:
             continue
         names, model, floor = kind_aurocs(rows, key)
         if not lines:
-            counts = Counter(Path(p).parts[2] for p, y in zip(rows[0]["paths"], rows[0]["labels"]) if y == 1)
+            counts = Counter(_kind(p) for p, y in zip(rows[0]["paths"], rows[0]["labels"]) if y == 1)
             lines = ["Per defect kind (good test images against that kind only): model, mean over seeds (NN floor).",
                      "", "| model | " + " | ".join(f"{n} ({counts[n]})" for n in names) + " |",
                      "|---|" + "---|" * len(names)]
@@ -339,12 +339,18 @@ def per_kind_table(rows: list[dict], models) -> list[str]:
     return lines
 
 
+def _kind(path: str) -> str:
+    """The defect kind of a test image from its recorded path (<category>/test/<kind>/<file>)."""
+    parts = Path(path).parts
+    return parts[2] if len(parts) > 3 else "?"
+
+
 def kind_aurocs(rows: list[dict], key: str) -> tuple[list[str], list[float], list[float]]:
     """Defect kinds, the model's image AUROC on good vs each kind alone (mean over seeds) and the floor's."""
     from sklearn.metrics import roc_auc_score
 
     mine = [r for r in rows if r["model"] == key]
-    kinds = np.asarray([Path(p).parts[2] if len(Path(p).parts) > 3 else "?" for p in mine[0]["paths"]])
+    kinds = np.asarray([_kind(p) for p in mine[0]["paths"]])
     labels = np.asarray(mine[0]["labels"])
     names = sorted({k for k, y in zip(kinds, labels) if y == 1})
     model, floor = [], []
@@ -370,13 +376,14 @@ def plot_kinds(runs: list[dict], args, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(categories), figsize=(4.2 * len(categories), 3.2), squeeze=False)
     for ax, category in zip(axes[0], categories):
         rows = [r for r in runs if r["category"] == category]
-        present = [m for m in models if any(r["model"] == m for r in rows)]
-        names = kind_aurocs(rows, present[0])[0]
+        # Each model present on this category, scored once: {model: (kinds, AUROCs, floor AUROCs)}.
+        scored = {m: kind_aurocs(rows, m) for m in models if any(r["model"] == m for r in rows)}
+        names = next(iter(scored.values()))[0]
         grid = np.full((len(models), len(names)), np.nan)
         values = np.full((len(models), len(names)), np.nan)
         for i, key in enumerate(models):
-            if key in present:
-                _, model, floor = kind_aurocs(rows, key)
+            if key in scored:
+                _, model, floor = scored[key]
                 grid[i], values[i] = np.subtract(model, floor), model
         image = ax.imshow(grid, cmap="RdBu", vmin=-0.25, vmax=0.25)
         for i, row in enumerate(values):
