@@ -141,6 +141,9 @@ def _add_threshold_options(p: argparse.ArgumentParser, for_test: bool = False) -
         g.add_argument("--val-fraction", type=number(float, 0, 1, high_open=True), default=0.2,
                        help="share of the good training images held out (seeded) to set the threshold on; "
                             "0: none (the threshold is then set on training images, which is optimistic)")
+        g.add_argument("--select-epoch", choices=["validation", "last"], default="validation",
+                       help="validation: keep the epoch whose weights had the lowest loss on the held-out good "
+                            "images, for models whose loss measures good images (stfpm); last: the last epoch's")
     g.add_argument("--threshold-rule", choices=["false_reject", "f1"], default="false_reject",
                    help="false_reject: at most --max-false-reject of good images called defective; f1: best F1 on "
                         "held-out labelled defects (needs at least 2 labelled defective training images)")
@@ -507,6 +510,7 @@ def _engine(args, run_name=None, results_path=None, project=None, group=None, ep
         progress=not args.no_progress, resume=not getattr(args, "no_resume", False),
         compile_heads=getattr(args, "compile", False), val_fraction=getattr(args, "val_fraction", 0.2),
         threshold_rule=getattr(args, "threshold_rule", "false_reject"),
+        select_epoch=getattr(args, "select_epoch", "validation"),
         defects_per_batch=_defects_per_batch(args, batch_size),
         max_false_reject=getattr(args, "max_false_reject", 0.01), data_info=data_info,
     )

@@ -38,6 +38,12 @@ from defectscope.models.model_files import ModelFileError, load_tensors
 RESULT_COLUMNS = ["data", "category", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold",
                   "false_reject_rate", "escape_rate", "n_good", "n_defect", "n_test"]
 
+# Which epoch's weights a model with a validation loss keeps (Engine.select_epoch).
+SELECT_EPOCH = ("validation", "last")
+# How often, about, the validation loss is measured in a training (and at its last epoch). Why
+# not every epoch: a small training set has hundreds of short epochs (STFPM: 300 on 40 images).
+VALIDATION_CHECKS = 20
+
 
 class Engine:
     """Training / evaluation loop around a model.
@@ -57,7 +63,10 @@ class Engine:
       sizes are refused with ``batch_size_reason``, never changed silently;
     - optionally ``calibrate(batches)``: after training, the held-out good images (normalised
       batches on the device), e.g. to normalise maps; then the verdict threshold is set;
-    - optionally ``set_regime(regime)`` for labelled defects, ``grad_clip``.
+    - optionally ``set_regime(regime)`` for labelled defects, ``grad_clip``;
+    - optionally ``validation_loss(images)``: normalised held-out good images ``[B,3,H,W]`` ->
+      each one's loss ``[B]`` as training measures it, without augmentation; then the engine
+      keeps the weights of the epoch where it was lowest (``select_epoch``).
 
     Args:
         results_path, project, group, run_name: the run folder (``run_name`` None: a timestamp).
@@ -99,6 +108,12 @@ class Engine:
             loss get the share: those with masks, and image-labelled ones when the model says
             ``learns_from_image_labels`` (default True); the others are shuffled in with the good
             images. None: a quarter of the batch (at least 1); 0: plain shuffling of all images.
+        select_epoch: ``"validation"`` (default): for a model with ``validation_loss``, that loss
+            on the held-out good images is measured about :data:`VALIDATION_CHECKS` times in
+            training and the weights of the check where it was lowest are kept (recorded in
+            ``model.training_info``); ``"last"``: the last epoch's weights. Models without
+            ``validation_loss`` (their loss is not a measure of good images, e.g. trained on
+            synthetic defects) always keep the last epoch.
     """
 
     def __init__(
@@ -130,6 +145,7 @@ class Engine:
         tiler: Tiler | None = None,
         image_rois=None,
         defects_per_batch: int | None = None,
+        select_epoch: str = "validation",
     ) -> None:
         """``tiler`` (:class:`defectscope.data.tiling.Tiler`): train on the tiles of large images
         and score them tiled (a model trained so keeps its tiling and is scored tiled anyway).
@@ -146,6 +162,8 @@ class Engine:
             raise ValueError(f"max_false_reject must be a rate in (0, 1), e.g. 0.01, got {max_false_reject!r}")
         if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
             raise ValueError(f"val_fraction must be in [0, 1), e.g. 0.2, got {val_fraction!r}")
+        if select_epoch not in SELECT_EPOCH:
+            raise ValueError(f"select_epoch must be one of {', '.join(SELECT_EPOCH)}, got {select_epoch!r}")
         if defects_per_batch is not None and (isinstance(defects_per_batch, bool) or not isinstance(defects_per_batch, int)
                                               or not 0 <= defects_per_batch < batch_size):
             raise ValueError(f"defects_per_batch must be an integer from 0 to batch_size - 1 ({batch_size - 1}), "
@@ -153,6 +171,7 @@ class Engine:
         self.defects_per_batch = (max(1, batch_size // 4) if batch_size > 1 else 0) if defects_per_batch is None \
             else defects_per_batch
         self.val_fraction = float(val_fraction)
+        self.select_epoch = select_epoch
         self.threshold_rule = threshold_rule
         self.max_false_reject = float(max_false_reject)
         self.data_info = dict(data_info or {})
@@ -286,8 +305,10 @@ class Engine:
             optimizer, scheduler = model.configure_optimizers(self.max_epochs)
         state_path = self.model_dir / "last.ckpt"
         start_epoch = 0
+        # Keeping the epoch with the lowest held-out loss (select_epoch): the held-out good images.
+        selection = _EpochSelection(self, model, validation, fabric)
         if self.resume and state_path.is_file():
-            start_epoch = self._load_training_state(state_path, model, optimizer, scheduler)
+            start_epoch = self._load_training_state(state_path, model, optimizer, scheduler, selection)
             self._print(f"Resuming {self.run_dir} from epoch {start_epoch}/{self.max_epochs}")
         else:
             model.fit_feature_statistics(features)
@@ -356,12 +377,19 @@ class Engine:
                 if writer is not None:
                     writer.add_scalar("train/loss", mean_loss, epoch)
                     writer.add_scalar("train/lr", optimizer.param_groups[-1]["lr"], epoch)
-                self._save_training_state(state_path, model, optimizer, scheduler, epoch + 1)
+                if selection.due(epoch):
+                    val_loss = selection.check(epoch)
+                    if writer is not None:
+                        writer.add_scalar("val/loss", val_loss, epoch)
+                self._save_training_state(state_path, model, optimizer, scheduler, epoch + 1, selection)
                 advance(1, epoch=epoch + 1, loss=mean_loss)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, mean_loss)
         if writer is not None:
             writer.close()
+        kept = selection.restore_best()
+        if kept:
+            self._print(kept)
         if world > 1:
             # DDP keeps weights in sync but each process updates its own batch-norm statistics
             # in the last step: take rank 0's everywhere, so every process scores the same model.
@@ -374,7 +402,8 @@ class Engine:
             model.fit_on_training_features(features, labels)
         self._set_threshold(model, validation or samples, held_out=bool(validation))
         model.training_info = {"epochs": self.max_epochs, "seed": self.seed, "train_size": n, "regime": regime,
-                               "batch_size": self.batch_size, "val_fraction": self.val_fraction}
+                               "batch_size": self.batch_size, "val_fraction": self.val_fraction,
+                               **selection.record()}
         model.data_info = {**self.data_info, "train_images": [str(s.path) for s in samples],
                            "validation_images": [str(s.path) for s in validation]}
         if fabric.is_global_zero:
@@ -484,7 +513,8 @@ class Engine:
 
         return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
-    def _save_training_state(self, path: Path, model, optimizer, scheduler, epoch: int) -> None:
+    def _save_training_state(self, path: Path, model, optimizer, scheduler, epoch: int,
+                             selection: _EpochSelection | None = None) -> None:
         if not self.fabric.is_global_zero:
             return
         atomic_save(
@@ -501,11 +531,14 @@ class Engine:
                     "numpy": _numpy_state_to_plain(np.random.get_state()),
                     "python": _python_state_to_plain(random.getstate()),
                 },
+                # The best epoch so far by the validation loss, its weights and the losses measured.
+                "selection": selection.state() if selection is not None else {},
             },
             path,
         )
 
-    def _load_training_state(self, path: Path, model, optimizer, scheduler) -> int:
+    def _load_training_state(self, path: Path, model, optimizer, scheduler,
+                             selection: _EpochSelection | None = None) -> int:
         """Restore a killed run from ``last.ckpt`` (read weights-only: opening it runs no code)."""
         fix = (f"Fix: train with --no-resume (Python: Engine(resume=False)) to start again, use another --run-name, "
                f"or delete {path}.")
@@ -530,6 +563,9 @@ class Engine:
             torch.set_rng_state(state["rng"]["torch"])
             np.random.set_state(_numpy_state_from_plain(state["rng"]["numpy"]))
             random.setstate(_python_state_from_plain(state["rng"]["python"]))
+            if selection is not None:
+                # Files written before epoch selection existed have none: it starts from here.
+                selection.load_state(state.get("selection") or {})
             return int(state["epoch"])
         except ModelFileError:
             raise
@@ -989,6 +1025,88 @@ def _without_training_images(model, samples: list[Sample]) -> tuple[list[Sample]
             "nothing to test on. Fix: test on images the model has not seen."
         )
     return kept, [f"{left} test image(s) were used in training or to set the threshold and are left out"]
+
+
+class _EpochSelection:
+    """Keeps the weights of the epoch with the lowest validation loss (``Engine.select_epoch``).
+
+    Active when the engine selects on validation, the model has ``validation_loss`` and good
+    images were held out. The loss is each held-out good image's loss, averaged, measured every
+    ``ceil(max_epochs / VALIDATION_CHECKS)`` epochs and at the last one, in eval mode. Why: a
+    student that sees a few images hundreds of times memorises them, and its distance on good
+    images it has not seen, what the verdict rests on, rises again after a point (STFPM on 32
+    generated grass images: lowest at epoch 100 of 300, benchmarks/results/stfpm_epochs.md).
+    Under DDP every process measures all held-out images and rank 0's loss decides, so all keep
+    the same epoch."""
+
+    def __init__(self, engine: Engine, model, validation: list[Sample], fabric) -> None:
+        good = [s for s in validation if s.label == 0]
+        self.active = engine.select_epoch == "validation" and hasattr(model, "validation_loss") and bool(good)
+        self.model, self.fabric, self.max_epochs = model, fabric, engine.max_epochs
+        self.every = max(1, math.ceil(engine.max_epochs / VALIDATION_CHECKS))
+        self.best_loss, self.best_epoch, self.best_state = math.inf, None, None
+        self.losses: dict[int, float] = {}
+        if self.active:
+            if engine.tiler is not None:
+                good = engine.tiler.training_tiles(good, model.image_size)
+            dataset = AnomalyDataset(good, image_size=model.image_size, mean=model.mean, std=model.std)
+            self.loader = DataLoader(dataset, batch_size=max(engine.batch_size, 8), num_workers=engine.num_workers)
+
+    def due(self, epoch: int) -> bool:
+        """Whether the loss is measured after ``epoch`` (0-based)."""
+        return self.active and ((epoch + 1) % self.every == 0 or epoch + 1 == self.max_epochs)
+
+    @torch.no_grad()
+    def check(self, epoch: int) -> float:
+        """Measure the validation loss after ``epoch`` (0-based); keep a copy of the weights when
+        it is the lowest so far. Returns the loss."""
+        model = self.model
+        model.eval()
+        total, count = 0.0, 0
+        for batch in self.loader:
+            losses = model.validation_loss(batch["image"].to(self.fabric.device))
+            total += float(losses.sum())
+            count += len(losses)
+        model.train()
+        loss = float(self.fabric.broadcast(total / max(count, 1), src=0))
+        self.losses[epoch + 1] = loss
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch = loss, epoch + 1
+            self.best_state = {k: v.detach().clone().cpu() for k, v in model.trained_state_dict().items()}
+        return loss
+
+    def restore_best(self) -> str | None:
+        """Load the kept weights into the model when they are not the last epoch's; returns what
+        was kept, in words, or None when nothing was measured."""
+        if not self.active or self.best_epoch is None:
+            return None
+        last = max(self.losses)
+        if self.best_epoch != last:
+            self.model.load_state_dict(self.best_state, strict=False)
+        return (f"Kept the weights of epoch {self.best_epoch} of {self.max_epochs}: the lowest loss on the held-out "
+                f"good images ({self.best_loss:.4g}; epoch {last}: {self.losses[last]:.4g}). "
+                "Train with --select-epoch last to keep the last epoch's.")
+
+    def record(self) -> dict:
+        """What ``model.training_info`` records: the epoch kept and the losses measured."""
+        if not self.active or self.best_epoch is None:
+            return {}
+        return {"selected_epoch": self.best_epoch,
+                "validation_loss": {str(epoch): round(loss, 6) for epoch, loss in self.losses.items()}}
+
+    def state(self) -> dict:
+        """Plain data and tensors for ``last.ckpt`` (loads weights-only)."""
+        if not self.active or self.best_epoch is None:
+            return {}
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "best_state": self.best_state,
+                "losses": [[epoch, loss] for epoch, loss in self.losses.items()]}
+
+    def load_state(self, state: dict) -> None:
+        if not self.active or not state:
+            return
+        self.best_loss, self.best_epoch = float(state["best_loss"]), int(state["best_epoch"])
+        self.best_state = dict(state["best_state"])
+        self.losses = {int(epoch): float(loss) for epoch, loss in state["losses"]}
 
 
 def describe_threshold(info: dict) -> str:

@@ -402,6 +402,17 @@ class Stfpm(AnomalyModel):
         teacher_maps = self.split_features(features.to(student_maps[0].dtype), student_maps)
         return pyramid_loss(teacher_maps, student_maps, self.batch_reduction, self.hard_fraction)
 
+    @torch.no_grad()
+    def validation_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B,3,H,W]`` normalised held-out good images -> ``[B]``, each image's loss as training
+        measures it with every position counted (:func:`pyramid_loss` of that image alone, no
+        shift): how far the student is from the teacher on good images it has not seen. The
+        engine keeps the epoch where its mean is lowest (``Engine.select_epoch``)."""
+        images = self.roi_images(images)
+        teacher_maps = list(self.feature_extractor(images).values())
+        student_maps = self.student(images)
+        return sum(layer_distance(t, s).mean(dim=(1, 2, 3)) for t, s in zip(teacher_maps, student_maps, strict=True))
+
     def configure_optimizers(self, max_epochs: int):
         """SGD on the student's parameters (``lr``, ``momentum``, ``weight_decay``) and a
         constant schedule (the reference keeps the learning rate fixed)."""

@@ -143,3 +143,93 @@ def test_pixel_threshold_comes_from_held_out_map_maxima_and_is_saved(splits, tmp
     loaded.load_from_path(engine.model_dir)
     assert loaded.pixel_threshold == pytest.approx(model.pixel_threshold)
     assert loaded.pixel_threshold_info == model.pixel_threshold_info
+
+
+class SelectingStudent(TinyStudent):
+    """TinyStudent with a constant learning rate (its weights change every epoch) whose validation
+    loss follows ``script``, one value per check, recording its student weights at each check."""
+
+    name = "selectingstudent"
+
+    def __init__(self, script):
+        super().__init__()
+        self.script = list(script)
+        self.checked = []
+
+    def configure_optimizers(self, max_epochs, steps_per_epoch=None):
+        optimizer = torch.optim.SGD(self.student.parameters(), lr=0.01)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def validation_loss(self, images):
+        assert not self.training and not torch.is_grad_enabled()
+        self.checked.append({k: v.clone() for k, v in self.student.state_dict().items()})
+        return torch.full((len(images),), float(self.script[len(self.checked) - 1]))
+
+
+# 25 epochs: checked every ceil(25 / 20) = 2 epochs and after the last one.
+SELECT_EPOCHS = 25
+CHECKED_EPOCHS = [*range(2, SELECT_EPOCHS, 2), SELECT_EPOCHS]
+SCRIPT = [9, 8, 7, 6, 2, 5, 3, 4, 4, 6, 7, 8, 9]  # lowest at the 5th check: epoch 10
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_epoch_with_the_lowest_validation_loss_is_kept(splits, tmp_path, capsys):
+    train = splits[CATEGORIES[0]].train  # 6 trained, 2 held out
+    torch.manual_seed(0)
+    model = SelectingStudent(SCRIPT)
+    make_engine(tmp_path, "select", max_epochs=SELECT_EPOCHS, batch_size=1).fit(model, train)
+    assert len(model.checked) == len(CHECKED_EPOCHS)
+    best = SCRIPT.index(min(SCRIPT))
+    assert model.training_info["selected_epoch"] == CHECKED_EPOCHS[best] == 10
+    assert model.training_info["validation_loss"] == {str(e): float(v) for e, v in zip(CHECKED_EPOCHS, SCRIPT)}
+    assert _same_weights(model.student.state_dict(), model.checked[best])
+    assert not _same_weights(model.checked[best], model.checked[-1])  # the last epoch's weights were others
+    assert "Kept the weights of epoch 10 of 25" in capsys.readouterr().out
+    # The threshold was set on the kept weights: the held-out images scored by them again.
+    held_out = [s for s in train if str(s.path) in model.data_info["validation_images"]]
+    from defectscope.data.dataset import AnomalyDataset
+
+    images = torch.stack([AnomalyDataset(held_out, image_size=model.image_size, mean=model.mean,
+                                         std=model.std)[i]["image"] for i in range(len(held_out))])
+    with torch.no_grad():
+        assert float(model.threshold) >= float(model(images)[1].max()) * (1 - 1e-6)
+
+
+def test_select_epoch_last_keeps_the_last_weights_and_measures_nothing(splits, tmp_path):
+    train = splits[CATEGORIES[0]].train
+    torch.manual_seed(0)
+    model = SelectingStudent(SCRIPT)
+    reference = SelectingStudent(SCRIPT)
+    reference.load_state_dict(model.state_dict())
+    make_engine(tmp_path, "last", max_epochs=SELECT_EPOCHS, batch_size=1, select_epoch="last").fit(model, train)
+    assert model.checked == [] and "selected_epoch" not in model.training_info
+    # The same training measured: its last check holds the weights the 'last' run kept.
+    make_engine(tmp_path, "measured", max_epochs=SELECT_EPOCHS, batch_size=1).fit(reference, train)
+    assert _same_weights(model.student.state_dict(), reference.checked[-1])
+    with pytest.raises(ValueError, match="select_epoch must be one of validation, last"):
+        make_engine(tmp_path, "bad", select_epoch="best")
+
+
+def test_an_interrupted_run_resumes_with_its_best_epoch_so_far(splits, tmp_path):
+    train = splits[CATEGORIES[0]].train
+    stop_after = 13  # epoch index: 14 epochs done, 7 checks (the best, epoch 10, among them)
+
+    def interrupt(epoch, loss):
+        if epoch == stop_after:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    first = SelectingStudent(SCRIPT)
+    with pytest.raises(KeyboardInterrupt):
+        make_engine(tmp_path, "resume", max_epochs=SELECT_EPOCHS, batch_size=1, on_epoch_end=interrupt).fit(first, train)
+    assert len(first.checked) == 7
+    torch.manual_seed(1)
+    second = SelectingStudent(SCRIPT[7:])  # the rest of the checks
+    make_engine(tmp_path, "resume", max_epochs=SELECT_EPOCHS, batch_size=1).fit(second, train)
+    assert len(second.checked) == len(CHECKED_EPOCHS) - 7
+    assert second.training_info["selected_epoch"] == 10
+    assert second.training_info["validation_loss"] == {str(e): float(v) for e, v in zip(CHECKED_EPOCHS, SCRIPT)}
+    assert _same_weights(second.student.state_dict(), first.checked[4])
