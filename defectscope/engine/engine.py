@@ -1050,7 +1050,11 @@ class _EpochSelection:
             if engine.tiler is not None:
                 good = engine.tiler.training_tiles(good, model.image_size)
             dataset = AnomalyDataset(good, image_size=model.image_size, mean=model.mean, std=model.std)
-            self.loader = DataLoader(dataset, batch_size=max(engine.batch_size, 8), num_workers=engine.num_workers)
+            # A generator of its own: iterating a DataLoader draws a seed from the generator it has,
+            # and drawing from torch's global one would change the training's random stream (crops,
+            # noise), so that measuring would change the model.
+            self.loader = DataLoader(dataset, batch_size=max(engine.batch_size, 8), num_workers=engine.num_workers,
+                                     generator=torch.Generator())
 
     def due(self, epoch: int) -> bool:
         """Whether the loss is measured after ``epoch`` (0-based)."""

@@ -160,6 +160,11 @@ class SelectingStudent(TinyStudent):
         optimizer = torch.optim.SGD(self.student.parameters(), lr=0.01)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
+    def training_step_images(self, images, features):
+        # Random noise from torch's global generator, as augmentations draw it: measuring the
+        # validation loss must not change this stream.
+        return super().training_step_images(images + 0.1 * torch.randn_like(images), features)
+
     def validation_loss(self, images):
         assert not self.training and not torch.is_grad_enabled()
         self.checked.append({k: v.clone() for k, v in self.student.state_dict().items()})
@@ -206,7 +211,8 @@ def test_select_epoch_last_keeps_the_last_weights_and_measures_nothing(splits, t
     reference.load_state_dict(model.state_dict())
     make_engine(tmp_path, "last", max_epochs=SELECT_EPOCHS, batch_size=1, select_epoch="last").fit(model, train)
     assert model.checked == [] and "selected_epoch" not in model.training_info
-    # The same training measured: its last check holds the weights the 'last' run kept.
+    # The same training measured (same random stream): its last check holds the weights the
+    # 'last' run kept.
     make_engine(tmp_path, "measured", max_epochs=SELECT_EPOCHS, batch_size=1).fit(reference, train)
     assert _same_weights(model.student.state_dict(), reference.checked[-1])
     with pytest.raises(ValueError, match="select_epoch must be one of validation, last"):
