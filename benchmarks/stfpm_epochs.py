@@ -25,6 +25,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 RESULTS = Path(__file__).resolve().parent / "results"
+HAND_NOTES = "\n## What was run"
 
 
 def record(out: Path, every: int, cli_args: list[str]) -> int:
@@ -116,7 +117,11 @@ def report(files: list[Path]) -> None:
     fig.tight_layout()
     picture = RESULTS / "stfpm_epochs.png"
     fig.savefig(picture, dpi=110)
-    (RESULTS / "stfpm_epochs_curves.md").write_text("\n".join(lines + [f"![curves]({picture.name})", ""]))
+    path = RESULTS / "stfpm_epochs_curves.md"
+    # Notes written by hand below the tables start at this heading and are kept.
+    notes = path.read_text().partition(HAND_NOTES)[2] if path.exists() else ""
+    text = "\n".join(lines + [f"![curves]({picture.name})", ""])
+    path.write_text(text + (HAND_NOTES + notes if notes else ""))
     print("\n".join(lines))
 
 

@@ -1035,7 +1035,7 @@ class _EpochSelection:
     ``ceil(max_epochs / VALIDATION_CHECKS)`` epochs and at the last one, in eval mode. Why: a
     student that sees a few images hundreds of times memorises them, and its distance on good
     images it has not seen, what the verdict rests on, rises again after a point (STFPM on 32
-    generated grass images: lowest at epoch 100 of 300, benchmarks/results/stfpm_epochs.md).
+    generated grass images: lowest at epoch 100 of 300, benchmarks/results/stfpm_epochs_curves.md).
     Under DDP every process measures all held-out images and rank 0's loss decides, so all keep
     the same epoch."""
 
