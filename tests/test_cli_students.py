@@ -50,10 +50,19 @@ def test_stfpm_end_to_end_with_its_own_options(data_root, tmp_path, capsys):
     assert params["hparams"]["lr"] == 0.2 and params["hparams"]["momentum"] == 0.8
     assert params["hparams"]["hard_fraction"] == 0.25
     assert params["hparams"]["translate"] == 0.2 and params["hparams"]["translate_max_images"] == 100
+    # One epoch: the held-out loss was measured once, and that epoch was kept.
+    assert params["training"]["selected_epoch"] == 1 and list(params["training"]["validation_loss"]) == ["1"]
     # No resnet18 weights on a clean machine: the packaged fallback, said once.
     if params["hparams"]["backbone"] != "resnet18":
         assert any(line.startswith("notice:") and "efficientnet_lite0" in line
                    for line in capsys.readouterr().err.splitlines())
+
+
+def test_stfpm_select_epoch_last_measures_nothing(data_root, tmp_path):
+    assert _train(data_root, tmp_path, "stfpm", "--epochs", 2, "--select-epoch", "last", "--no-test") == 0
+    params = json.loads((tmp_path / "defectscope" / "mvtec" / "stfpm" / "models" / "0" / "params.json").read_text())
+    assert params["training"]["epochs"] == 2
+    assert "selected_epoch" not in params["training"] and "validation_loss" not in params["training"]
 
 
 @pytest.fixture(scope="module")

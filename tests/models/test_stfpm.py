@@ -102,6 +102,22 @@ def test_loss_equals_a_loop_over_layers_and_positions():
         pyramid_loss(teacher, student, "max")
 
 
+def test_validation_loss_is_each_images_loss_with_every_position_and_no_shift():
+    model = random_resnet18(hard_fraction=0.1, translate=0.25).double().eval()
+    x = images(3).double()
+    losses = model.validation_loss(x)
+    assert losses.shape == (3,)
+    teacher = list(model.feature_extractor(x).values())
+    student = model.student(x)
+    for k in range(3):
+        # The paper's loss of that image alone (all positions: hard_fraction is a training choice).
+        one = pyramid_loss([t[k:k + 1] for t in teacher], [m[k:k + 1] for m in student])
+        assert losses[k].item() == pytest.approx(one.item(), rel=1e-9)
+    # A student that is the teacher has nothing to learn: zero loss.
+    model.student.load_state_dict(model.feature_extractor.model.state_dict())
+    assert model.validation_loss(x).abs().max().item() < 1e-12
+
+
 def test_hard_fraction_averages_the_worst_fitted_positions_of_each_layer():
     generator = torch.Generator().manual_seed(3)
     teacher = [torch.randn(4, 8, 6, 6, generator=generator), torch.randn(4, 16, 3, 3, generator=generator)]
