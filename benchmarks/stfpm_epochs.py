@@ -30,7 +30,7 @@ HAND_NOTES = "\n## What was run"
 
 def record(out: Path, every: int, cli_args: list[str]) -> int:
     import defectscope.cli as cli
-    from defectscope.data import hold_out_validation
+    from defectscope.data import hold_out_validation, mvtec_split
     from defectscope.engine import engine as engine_module
 
     state: dict = {}
@@ -69,11 +69,9 @@ def record(out: Path, every: int, cli_args: list[str]) -> int:
         _, validation, _ = hold_out_validation(samples, self.val_fraction, seed=self.seed,
                                               hold_out_defects=self.threshold_rule == "f1")
         held = {s.path for s in validation}
-        test = sorted(p for p in (Path(self.data_info["data_path"]) / self.data_info["category"] / "test").rglob("*")
-                      if p.suffix.lower() in (".png", ".jpg", ".bmp", ".tif", ".tiff"))
-        state.update(model=model, category=self.data_info["category"],
-                     labels=[0 if p.parent.name == "good" else 1 for p in test])
-        paths = {"val": [s.path for s in validation], "test": test,
+        test = mvtec_split(Path(self.data_info["data_path"]), self.data_info["category"]).test
+        state.update(model=model, category=self.data_info["category"], labels=[int(s.label) for s in test])
+        paths = {"val": [s.path for s in validation], "test": [s.path for s in test],
                  "train": [s.path for s in samples if s.path not in held][:16]}
         state["x"] = {k: torch.cat([model.preprocess(p)[0] for p in v]) for k, v in paths.items()}
         self.on_epoch_end = callback

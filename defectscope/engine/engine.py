@@ -306,7 +306,7 @@ class Engine:
         state_path = self.model_dir / "last.ckpt"
         start_epoch = 0
         # Keeping the epoch with the lowest held-out loss (select_epoch): the held-out good images.
-        selection = _EpochSelection(self, model, validation, fabric)
+        selection = _EpochSelection(self, model, validation)
         if self.resume and state_path.is_file():
             start_epoch = self._load_training_state(state_path, model, optimizer, scheduler, selection)
             self._print(f"Resuming {self.run_dir} from epoch {start_epoch}/{self.max_epochs}")
@@ -1039,10 +1039,10 @@ class _EpochSelection:
     Under DDP every process measures all held-out images and rank 0's loss decides, so all keep
     the same epoch."""
 
-    def __init__(self, engine: Engine, model, validation: list[Sample], fabric) -> None:
+    def __init__(self, engine: Engine, model, validation: list[Sample]) -> None:
         good = [s for s in validation if s.label == 0]
         self.active = engine.select_epoch == "validation" and hasattr(model, "validation_loss") and bool(good)
-        self.model, self.fabric, self.max_epochs = model, fabric, engine.max_epochs
+        self.model, self.fabric, self.max_epochs = model, engine.fabric, engine.max_epochs
         self.every = max(1, math.ceil(engine.max_epochs / VALIDATION_CHECKS))
         self.best_loss, self.best_epoch, self.best_state = math.inf, None, None
         self.losses: dict[int, float] = {}
