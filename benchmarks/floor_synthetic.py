@@ -70,6 +70,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import report_notes  # benchmarks/report_notes.py (this folder is on sys.path when run as a script)
+
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("supersimplenet", "simplenet", "stfpm", "efficientad")
 CATEGORIES = ("grass", "gravel", "fabric")
@@ -481,7 +483,7 @@ def write_report(args, runs: list[dict], path: Path, command: str) -> None:
         lines.append("")
     if args.data != "elpv" and plot_kinds(runs, args, path.with_name(path.stem + "_kinds.png")):
         lines[2:2] = [f"![per-kind AUROC against the floor]({path.stem}_kinds.png)", ""]
-    path.write_text("\n".join(lines))
+    report_notes.write_report(path, "\n".join(lines))  # keeps the "## Notes" written by hand
     print(f"wrote {path}")
 
 

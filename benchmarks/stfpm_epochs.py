@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+import report_notes  # benchmarks/report_notes.py (this folder is on sys.path when run as a script)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-HAND_NOTES = "\n## What was run"
 
 
 def record(out: Path, every: int, cli_args: list[str]) -> int:
@@ -116,10 +117,7 @@ def report(files: list[Path]) -> None:
     picture = RESULTS / "stfpm_epochs.png"
     fig.savefig(picture, dpi=110)
     path = RESULTS / "stfpm_epochs_curves.md"
-    # Notes written by hand below the tables start at this heading and are kept.
-    notes = path.read_text().partition(HAND_NOTES)[2] if path.exists() else ""
-    text = "\n".join(lines + [f"![curves]({picture.name})", ""])
-    path.write_text(text + (HAND_NOTES + notes if notes else ""))
+    report_notes.write_report(path, "\n".join(lines + [f"![curves]({picture.name})", ""]))
     print("\n".join(lines))
 
 
