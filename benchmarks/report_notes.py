@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 NOTES_HEADING = "## Notes"
@@ -34,6 +35,8 @@ def write_report(path: Path, text: str) -> None:
     text = text.rstrip("\n") + "\n"
     if notes:
         text += "\n" + notes
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    # A temporary file of its own (two benchmark processes may rebuild the same report at once).
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp",
+                                     delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
