@@ -7,10 +7,10 @@ is appended to the new text.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from defectscope.models.model_files import atomic_write
 
 NOTES_HEADING = "## Notes"
 _NOTES_START = re.compile(r"^## Notes\b", flags=re.MULTILINE)
@@ -35,8 +35,5 @@ def write_report(path: Path, text: str) -> None:
     text = text.rstrip("\n") + "\n"
     if notes:
         text += "\n" + notes
-    # A temporary file of its own (two benchmark processes may rebuild the same report at once).
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp",
-                                     delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    # A temporary file of its own per call (two benchmark processes may rebuild one report at once).
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
